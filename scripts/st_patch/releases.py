@@ -1,0 +1,44 @@
+"""The releases table (``releases.toml``): the one place that knows a sentence-transformers release.
+
+Everything that needs per-release facts - the series generator, tox, the CI matrix, the report -
+reads it through this module, so a new upstream release is one new row in the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLE = ROOT / "releases.toml"
+SUPPORT_STATES = ("patched", "native")
+
+
+@dataclass(frozen=True)
+class Release:
+    version: str
+    pins: tuple[str, ...]
+    support: str
+
+    @property
+    def key(self) -> Version:
+        return Version(self.version)
+
+
+def load(path: Path = TABLE) -> list[Release]:
+    """All releases of the table, oldest first; a malformed row raises naming the row."""
+    import tomllib
+
+    data = tomllib.loads(path.read_text())
+    pins = data.get("pins", {})
+    releases = []
+    for row in data.get("release", []):
+        version = row.get("version")
+        if row.get("support") not in SUPPORT_STATES:
+            raise ValueError(f"{path}: release {version}: support must be one of {SUPPORT_STATES}")
+        if row.get("pins") not in pins:
+            raise ValueError(f"{path}: release {version}: pins {row.get('pins')!r} is not a key of [pins]")
+        releases.append(Release(str(Version(version)), tuple(pins[row["pins"]]), row["support"]))
+    return sorted(releases, key=lambda r: r.key)
