@@ -1,0 +1,117 @@
+"""The backport series: generated from their source, applied to forks as commits, correct on real releases."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from support import MANIFEST, PATCHED, ROOT, TABLE, fork_from_sdist, git, release_python, st_patch, tox_environ
+
+from st_patch import series
+
+FORK_TEST = "tests/test_matryoshka_cached_losses.py"
+NUMERIC_RELEASES = ["2.4.0", "2.7.0", "3.0.1", "3.3.1"]
+
+
+def test_manifest_covers_every_release_of_the_table():
+    assert list(MANIFEST["releases"]) == [r.version for r in TABLE]
+    for release in TABLE:
+        entry = MANIFEST["releases"][release.version]
+        assert entry["support"] == release.support
+        assert (entry["series"] is not None) == (release.support == "patched"), release.version
+    for name, entry in MANIFEST["series"].items():
+        assert sorted(p.name for p in (ROOT / "patches" / "series" / name).iterdir()) == entry["patches"]
+        for path, states in entry["files"].items():
+            assert states["patched"], f"{name}: {path} has no patched hash"
+
+
+def test_series_carry_dep3_fields_and_trailer():
+    for name, entry in MANIFEST["series"].items():
+        for patch in entry["patches"]:
+            text = (ROOT / "patches" / "series" / name / patch).read_text()
+            for field in ("Description:", "Origin:", "Bug:", "Forwarded:", "Applied-Upstream:"):
+                assert f"\n{field}" in text, f"{name}/{patch} lacks {field}"
+            assert f"\nSt-Patch-Series: {name}\n" in text
+
+
+def test_recipe_refuses_text_it_does_not_know():
+    with pytest.raises(series.RecipeError, match="MatryoshkaLoss.py"):
+        series.edit_matryoshka("import warnings\nclass MatryoshkaLoss: pass\n")
+    with pytest.raises(series.RecipeError, match="SymmetricRankingLoss"):
+        series.edit_symmetric("class CachedMultipleNegativesSymmetricRankingLoss: pass\n")
+
+
+@pytest.mark.slow
+def test_generated_files_are_up_to_date():
+    """patches/ and tox.ini are exactly what patches/source and releases.toml generate."""
+    for module in ("st_patch.series", "st_patch.toxgen"):
+        result = subprocess.run(
+            ["python3", "-m", module, "--check"],
+            cwd=ROOT / "scripts",
+            text=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")},
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", PATCHED)
+def test_apply_to_fork_creates_the_series_commits_and_revert_restores(version, tmp_path):
+    repo = fork_from_sdist(version, tmp_path)
+    name = MANIFEST["releases"][version]["series"]
+    result = st_patch("apply", "--target", str(repo))
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = git(repo, "log", "--format=%B%x00", f"v{version}..HEAD").split("\0")
+    commits = [m for m in log if m.strip()]
+    assert len(commits) == len(MANIFEST["series"][name]["patches"])
+    assert all(f"St-Patch-Series: {name}" in m for m in commits)
+    assert (repo / FORK_TEST).exists()
+
+    again = st_patch("apply", "--target", str(repo))
+    assert again.returncode == 0 and "already" in again.stdout.lower()
+
+    result = st_patch("revert", "--target", str(repo))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert git(repo, "diff", f"v{version}", "HEAD") == ""
+
+
+def _fork_tests(version: str, repo) -> subprocess.CompletedProcess:
+    python = release_python(version)
+    return subprocess.run(
+        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", FORK_TEST],
+        cwd=repo,
+        text=True,
+        capture_output=True,
+        env={**tox_environ(), "PYTHONPATH": str(repo)},
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", NUMERIC_RELEASES)
+def test_fork_tests_match_the_float64_reference(version, tmp_path):
+    """The fork's own added tests: loss and every gradient equal the independent reference (rtol 1e-7)."""
+    repo = fork_from_sdist(version, tmp_path)
+    assert st_patch("apply", "--target", str(repo)).returncode == 0
+    result = _fork_tests(version, repo)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+@pytest.mark.slow
+def test_fork_tests_fail_without_the_fixes(tmp_path):
+    """The added tests can fail: without the symmetric-loss fix, and without truncate-after-cache."""
+    version = "3.3.1"
+    repo = fork_from_sdist(version, tmp_path)
+    patches = sorted((ROOT / "patches" / "series" / MANIFEST["releases"][version]["series"]).iterdir())
+    matryoshka, symmetric, tests = patches
+    git(repo, "am", "-q", str(matryoshka), str(tests))
+    result = _fork_tests(version, repo)
+    assert result.returncode == 1
+    assert "mnsrl" in result.stdout and "4 failed" in result.stdout, result.stdout[-3000:]
+
+    git(repo, "reset", "-q", "--hard", f"v{version}")
+    git(repo, "am", "-q", str(tests))
+    result = _fork_tests(version, repo)
+    assert result.returncode == 1 and "inconsistent tensor size" in result.stdout, result.stdout[-3000:]
