@@ -6,9 +6,8 @@ import os
 import subprocess
 
 import pytest
+from st_patch import recipes
 from support import MANIFEST, PATCHED, ROOT, TABLE, fork_from_sdist, git, release_python, st_patch, tox_environ
-
-from st_patch import series
 
 FORK_TEST = "tests/test_matryoshka_cached_losses.py"
 NUMERIC_RELEASES = ["2.4.0", "2.7.0", "3.0.1", "3.3.1"]
@@ -36,10 +35,10 @@ def test_series_carry_dep3_fields_and_trailer():
 
 
 def test_recipe_refuses_text_it_does_not_know():
-    with pytest.raises(series.RecipeError, match="MatryoshkaLoss.py"):
-        series.edit_matryoshka("import warnings\nclass MatryoshkaLoss: pass\n")
-    with pytest.raises(series.RecipeError, match="SymmetricRankingLoss"):
-        series.edit_symmetric("class CachedMultipleNegativesSymmetricRankingLoss: pass\n")
+    with pytest.raises(recipes.RecipeError, match="MatryoshkaLoss.py"):
+        recipes.edit_matryoshka("import warnings\nclass MatryoshkaLoss: pass\n")
+    with pytest.raises(recipes.RecipeError, match="SymmetricRankingLoss"):
+        recipes.edit_symmetric("class CachedMultipleNegativesSymmetricRankingLoss: pass\n")
 
 
 @pytest.mark.slow

@@ -43,7 +43,18 @@ def download(version: str, kind: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     binary = ["--no-binary", ":all:"] if kind == "sdist" else ["--only-binary", ":all:"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", *binary, f"{PROJECT}=={version}", "-d", str(directory)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            *binary,
+            f"{PROJECT}=={version}",
+            "-d",
+            str(directory),
+        ],
         check=True,
     )
     found = _find(directory, version, suffix)

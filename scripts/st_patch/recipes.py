@@ -1,0 +1,168 @@
+"""The backport series' recipes: each concern's edit, expressed against each release's own text.
+
+A recipe takes a file's LF text and returns the edited text, or raises RecipeError when it does not
+find exactly the text it edits, so a release that differs is reported instead of patched wrongly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+LOSSES = "sentence_transformers/losses"
+MATRYOSHKA = f"{LOSSES}/MatryoshkaLoss.py"
+SYMMETRIC = f"{LOSSES}/CachedMultipleNegativesSymmetricRankingLoss.py"
+
+
+class RecipeError(RuntimeError):
+    """A recipe did not find the text it edits: the release differs from what the recipe knows."""
+
+
+def _sub_once(
+    pattern: str, replacement: str | Callable[[re.Match], str], text: str, what: str, flags: int = re.M
+) -> str:
+    """Replace the one match of ``pattern`` (literally, or by calling ``replacement`` on the match)."""
+    func = replacement if callable(replacement) else (lambda _m: replacement)
+    new, count = re.subn(pattern, func, text, flags=flags)
+    if count != 1:
+        raise RecipeError(f"{what}: expected exactly one match of {pattern!r}, found {count}")
+    return new
+
+
+# --- recipes: the same change, expressed against each release's own text ------------------------
+
+MATRYOSHKA_DOC = """\
+        Cached losses:
+            With a cached (GradCache) loss such as :class:`CachedMultipleNegativesRankingLoss`, the embeddings
+            are cached at full width and every Matryoshka dimension is truncated and re-normalised in the loss
+            stage; the gradients of all dimensions are summed onto the full-width embeddings, so the second,
+            gradient-carrying forward pass runs once.
+
+"""
+
+MATRYOSHKA_DISPATCH = """\
+        if is_gradcache_loss(self.loss):
+            # Cached losses re-embed in a backward hook, after the forward decorator below is gone:
+            # keep the cache at full width and truncate in the loss stage instead.
+            return matryoshka_cached_forward(self, sentence_features, labels)
+"""
+
+
+def edit_matryoshka(text: str) -> str:
+    """MatryoshkaLoss: dispatch GradCache inner losses to truncate-after-cache; drop the warnings."""
+    what = MATRYOSHKA
+    text = _sub_once(r"^import warnings\n", "", text, what)
+    for cls in ("CachedMultipleNegativesRankingLoss", "CachedGISTEmbedLoss"):
+        text = re.sub(rf"^from sentence_transformers\.losses\.{cls} import {cls}\n", "", text, flags=re.M)
+        text = re.sub(rf"^ +if isinstance\(loss, {cls}\):\n +warnings\.warn\([^\n]*\)\n", "", text, flags=re.M)
+    if "warnings." in text or "isinstance(loss, Cached" in text:
+        raise RecipeError(f"{what}: unexpected remaining use of warnings or Cached* classes")
+    text = _sub_once(
+        r"^from sentence_transformers import SentenceTransformer\n",
+        "from sentence_transformers import SentenceTransformer\n"
+        "from sentence_transformers.losses._matryoshka_cache import is_gradcache_loss, matryoshka_cached_forward\n",
+        text,
+        what,
+    )
+    text = _sub_once(r"^ +Requirements:\n +1\. The base loss cannot be [^\n]*\n\n", MATRYOSHKA_DOC, text, what)
+    text = _sub_once(
+        r"^    def forward\(self, sentence_features: [^\n]*\) -> Tensor:\n",
+        lambda match: match.group(0) + MATRYOSHKA_DISPATCH,
+        text,
+        what,
+    )
+    return text
+
+
+SYMMETRIC_STAGE = '''\
+    def _symmetric_loss(self, reps: list[list[Tensor]], with_backward: bool) -> Tensor:
+        """MultipleNegativesSymmetricRankingLoss over the whole batch, computed mini-batch by mini-batch.
+
+        Forward direction: each anchor of the chunk against every candidate; backward direction: each
+        positive of the chunk against every anchor. Each chunk's term is weighted by its share of the
+        batch, so the sum equals the full-batch loss, and backward() per chunk keeps the graph small.
+        """
+        embeddings_a = torch.cat(reps[0])  # (bsz, hdim)
+        embeddings_b = torch.cat([torch.cat(r) for r in reps[1:]])  # ((1 + nneg) * bsz, hdim)
+
+        batch_size = len(embeddings_a)
+        labels = torch.arange(batch_size, device=embeddings_a.device)
+        losses: list[torch.Tensor] = []
+        for b in tqdm.trange(
+            0,
+            batch_size,
+            self.mini_batch_size,
+            desc="Preparing caches" if with_backward else "Calculating loss",
+            disable=not self.show_progress_bar,
+        ):
+            e = min(b + self.mini_batch_size, batch_size)
+            forward_scores: Tensor = self.similarity_fct(embeddings_a[b:e], embeddings_b) * self.scale
+            forward_loss: torch.Tensor = self.cross_entropy_loss(forward_scores, labels[b:e])
+            # The positives of this chunk are candidates b:e; score each of them against every anchor.
+            backward_scores: Tensor = self.similarity_fct(embeddings_a, embeddings_b[b:e]).t() * self.scale
+            backward_loss: torch.Tensor = self.cross_entropy_loss(backward_scores, labels[b:e])
+            loss_mbatch = (forward_loss + backward_loss) / 2 * (e - b) / batch_size
+            if with_backward:
+                loss_mbatch.backward()
+                loss_mbatch = loss_mbatch.detach()
+            losses.append(loss_mbatch)
+
+        return sum(losses)
+
+    def calculate_loss_and_cache_gradients(self, reps: list[list[Tensor]]) -> Tensor:
+        """Calculate the symmetric loss and cache gradients."""
+        loss = self._symmetric_loss(reps, with_backward=True).requires_grad_()
+        self.cache = [[r.grad for r in rs] for rs in reps]
+        return loss
+
+    def calculate_loss(self, reps: list[list[Tensor]]) -> Tensor:
+        """Calculate the symmetric loss without caching gradients (for evaluation)."""
+        return self._symmetric_loss(reps, with_backward=False)
+
+'''
+
+
+def edit_symmetric(text: str) -> str:
+    """CachedMultipleNegativesSymmetricRankingLoss: the MNSRL formula across mini-batches."""
+    return _sub_once(
+        r"^    def calculate_loss_and_cache_gradients\(self, reps: list\[list\[Tensor\]\]\) -> Tensor:\n"
+        r".*?(?=^    def forward\()",
+        SYMMETRIC_STAGE,
+        text,
+        SYMMETRIC,
+        flags=re.M | re.S,
+    )
+
+
+@dataclass(frozen=True)
+class Concern:
+    """One patch of a series: one reviewable change.
+
+    A concern applies to a release when the release is in ``releases`` and has every file it edits.
+    Concerns sharing a slug (one message) may exist once per module layout.
+    """
+
+    slug: str  # names patches/source/messages/<slug>.txt
+    edits: dict[str, Callable[[str], str]]  # existing file -> recipe
+    adds: tuple[str, ...] = ()  # files copied from patches/source/files/
+    releases: str = ""  # a packaging specifier; empty: every release
+
+    def applies(self, tree: Path, version: str) -> bool:
+        return Version(version) in SpecifierSet(self.releases) and all((tree / p).exists() for p in self.edits)
+
+
+#: The backport series (releases the table marks "patched"), in patch order.
+BACKPORT = (
+    Concern("matryoshka-truncate-after-cache", {MATRYOSHKA: edit_matryoshka}, (f"{LOSSES}/_matryoshka_cache.py",)),
+    Concern("cmnsrl-symmetric-across-mini-batches", {SYMMETRIC: edit_symmetric}, ()),
+    Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
+)
+
+
+#: Fixes of upstream's native support (releases the table marks "native"), in patch order.
+NATIVE_FIXES: tuple[Concern, ...] = ()
