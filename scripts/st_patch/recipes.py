@@ -163,6 +163,3 @@ BACKPORT = (
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
 )
 
-
-#: Fixes of upstream's native support (releases the table marks "native"), in patch order.
-NATIVE_FIXES: tuple[Concern, ...] = ()
