@@ -6,6 +6,7 @@ reads it through this module, so a new upstream release is one new row in the ta
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ SUPPORT_STATES = ("patched", "native")
 @dataclass(frozen=True)
 class Release:
     version: str
+    date: datetime.date
     pins: tuple[str, ...]
     support: str
 
@@ -40,5 +42,7 @@ def load(path: Path = TABLE) -> list[Release]:
             raise ValueError(f"{path}: release {version}: support must be one of {SUPPORT_STATES}")
         if row.get("pins") not in pins:
             raise ValueError(f"{path}: release {version}: pins {row.get('pins')!r} is not a key of [pins]")
-        releases.append(Release(str(Version(version)), tuple(pins[row["pins"]]), row["support"]))
+        if not isinstance(row.get("date"), datetime.date):
+            raise ValueError(f"{path}: release {version}: date must be a TOML date (YYYY-MM-DD)")
+        releases.append(Release(str(Version(version)), row["date"], tuple(pins[row["pins"]]), row["support"]))
     return sorted(releases, key=lambda r: r.key)
