@@ -39,10 +39,15 @@ series: ## regenerate patches/series and patches/manifest.json from patches/sour
 tox.ini: ## regenerate tox.ini from releases.toml
 	$(PYTHON) -m scripts.st_patch.toxgen
 
+.PHONY: readme
+readme: ## regenerate the README's support table from the manifest
+	$(PYTHON) -m scripts.st_patch.readme
+
 .PHONY: check-generated
-check-generated: ## fail if patches/ or tox.ini differ from what their sources generate
+check-generated: ## fail if patches/, tox.ini or the README table differ from what their sources generate
 	$(PYTHON) -m scripts.st_patch.series --check
 	$(PYTHON) -m scripts.st_patch.toxgen --check
+	$(PYTHON) -m scripts.st_patch.readme --check
 
 .PHONY: lint
 lint: ## ruff check + format check

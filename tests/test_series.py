@@ -43,8 +43,8 @@ def test_recipe_refuses_text_it_does_not_know():
 
 @pytest.mark.slow
 def test_generated_files_are_up_to_date():
-    """patches/ and tox.ini are exactly what patches/source and releases.toml generate."""
-    for module in ("st_patch.series", "st_patch.toxgen"):
+    """patches/, tox.ini and the README table are exactly what patches/source and releases.toml generate."""
+    for module in ("st_patch.series", "st_patch.toxgen", "st_patch.readme"):
         result = subprocess.run(
             ["python3", "-m", module, "--check"],
             cwd=ROOT / "scripts",
