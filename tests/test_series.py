@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 
@@ -114,3 +115,23 @@ def test_fork_tests_fail_without_the_fixes(tmp_path):
     git(repo, "am", "-q", str(tests))
     result = _fork_tests(version, repo)
     assert result.returncode == 1 and "inconsistent tensor size" in result.stdout, result.stdout[-3000:]
+
+
+UPSTREAM = os.environ.get("ST_UPSTREAM_REPO")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not UPSTREAM, reason="set ST_UPSTREAM_REPO to a clone of upstream with its release tags")
+@pytest.mark.parametrize("version", PATCHED)
+def test_series_apply_to_the_upstream_tag(version, tmp_path):
+    """On the real upstream tag (LF git checkout), the series applies as commits giving the manifest's hashes."""
+    repo = tmp_path / "st"
+    subprocess.run(["git", "clone", "-q", "-n", UPSTREAM, str(repo)], check=True)
+    git(repo, "checkout", "-q", f"v{version}")
+    result = st_patch("apply", "--target", str(repo))
+    assert result.returncode == 0, result.stdout + result.stderr
+    name = MANIFEST["releases"][version]["series"]
+    for path, states in MANIFEST["series"][name]["files"].items():
+        assert hashlib.sha256((repo / path).read_bytes()).hexdigest() == states["patched"]["sha256_lf"], path
+    assert st_patch("revert", "--target", str(repo)).returncode == 0
+    assert git(repo, "diff", f"v{version}", "HEAD") == ""
