@@ -1,0 +1,488 @@
+"""scripts/st-patch: target kinds, status/check/apply/revert, refusals, the journal, real releases."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, find_python38, git, snapshot
+from st_patch import cli
+
+CLI = ROOT / "scripts" / "st-patch"
+MATRYOSHKA = "sentence_transformers/losses/MatryoshkaLoss.py"
+CACHE = "sentence_transformers/losses/_matryoshka_cache.py"
+NEW_TEST = "tests/test_matryoshka_cached_losses.py"
+
+
+def _crlf(text: str) -> bytes:
+    return text.encode().replace(b"\n", b"\r\n")
+
+
+@pytest.fixture
+def st(synthetic, capsys):
+    """``st(command, target, *extra) -> (exit code, stdout + stderr)``, in-process, synthetic manifest."""
+
+    def run(command, target, *extra):
+        code = cli.main([command, "--target", str(target), "--manifest", str(synthetic.manifest), *extra])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    return run
+
+
+@pytest.fixture
+def st_json(st):
+    def run(command, target, *extra):
+        code, out = st(command, target, "--json", *extra)
+        result = json.loads(out)
+        assert result["exit_code"] == code and result["command"] == command
+        return code, result
+
+    return run
+
+
+def _states(result):
+    return {f["path"]: f["state"] for f in result["files"]}
+
+
+# ------------------------------------------------------------------------------ usage and input
+
+
+def test_help_documents_commands_options_and_exit_codes(capsys):
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for word in ("status", "check", "apply", "revert", "exit codes", "git am -3", "site-packages", "CRLF"):
+        assert word in text
+    assert cli.main(["apply", "--help"]) == 0
+    text = capsys.readouterr().out
+    for word in ("--target", "--json", "--manifest", "--series", "exit codes", "  2 "):
+        assert word in text
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["apply", "--bogus"], ["status", "--target"]])
+def test_usage_errors_exit_2(argv, capsys):
+    assert cli.main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_bad_targets_and_inputs_exit_2(st, make_target, tmp_path, synthetic):
+    assert st("status", tmp_path / "missing")[0] == 2
+    (tmp_path / "empty").mkdir()
+    code, out = st("apply", tmp_path / "empty")
+    assert code == 2 and "not a sentence-transformers target" in out
+    (tmp_path / "file.txt").write_text("x")
+    assert st("check", tmp_path / "file.txt")[0] == 2
+    root = make_target("source")
+    code, out = st("apply", root, "--series", "no-such-series")
+    assert code == 2 and "unknown series" in out
+    bad = tmp_path / "manifest.json"
+    bad.write_text("{not json")
+    assert cli.main(["status", "--target", str(root), "--manifest", str(bad)]) == 2
+    (root / "sentence_transformers" / "__init__.py").write_text("# no version here\n")
+    code, out = st("status", root)
+    assert code == 2 and "__version__" in out
+
+
+# -------------------------------------------------------------- source trees and installed packages
+
+
+@pytest.mark.parametrize(
+    "kind, eol, tests",
+    [("source", "crlf", True), ("source", "lf", True), ("source", "crlf", False), ("installed", "crlf", False)],
+    ids=["sdist-crlf", "tree-lf", "sdist-without-tests", "site-packages"],
+)
+def test_check_apply_status_revert_cycle(kind, eol, tests, st, st_json, make_target, synthetic):
+    root = make_target(kind, eol=eol, tests=tests)
+    original = snapshot(root)
+    in_scope = [rel for rel in synthetic.files if tests or rel.startswith("sentence_transformers/")]
+
+    code, result = st_json("status", root)
+    assert code == 0 and result["state"] == "pristine" and result["target"]["kind"] == kind
+    assert result["release"] == {
+        "version": "9.9.9",
+        "support": "patched",
+        "series": synthetic.series,
+        "patches": result["release"]["patches"],
+        "detected": "manifest",
+    }
+    assert len(result["release"]["patches"]) == 2
+    assert {p for p, s in _states(result).items() if s == "skipped"} == set(synthetic.files) - set(in_scope)
+
+    code, result = st_json("check", root)
+    assert code == 0 and result["action"] == "would-apply"
+    assert result["would"][CACHE] == "create" and result["would"][MATRYOSHKA] == "modify"
+    assert snapshot(root) == original, "check must not touch the target"
+
+    code, out = st("apply", root)
+    assert code == 0 and "applied" in out
+    for rel in in_scope:
+        expected = synthetic.patched[rel].encode()
+        assert (root / rel).read_bytes() == (_crlf(synthetic.patched[rel]) if eol == "crlf" else expected), rel
+    assert not (root / "tests").exists() or tests
+    state = json.loads((root / "sentence_transformers/.st-patch/state.json").read_text())
+    assert state["series"] == synthetic.series and state["release"] == "9.9.9" and state["kind"] == kind
+    assert not (root / "sentence_transformers/.st-patch/journal").exists()
+
+    code, result = st_json("status", root)
+    assert code == 0 and result["state"] == "patched" and result["eol"] == eol
+    assert result["recorded"]["series"] == synthetic.series
+    patched = snapshot(root)
+    code, out = st("apply", root)
+    assert code == 0 and "already patched" in out
+    assert snapshot(root) == patched
+    code, result = st_json("check", root)
+    assert code == 0 and result["action"] == "already-patched"
+
+    code, out = st("revert", root)
+    assert code == 0 and "byte-identical" in out
+    assert snapshot(root) == original, "revert must restore the release byte for byte"
+    code, out = st("revert", root)
+    assert code == 0 and "already pristine" in out
+    assert snapshot(root) == original
+
+
+def test_package_directory_as_target_means_its_site_packages(st_json, make_target):
+    root = make_target("installed")
+    code, result = st_json("apply", root / "sentence_transformers")
+    assert code == 0 and result["target"]["path"] == str(root.resolve())
+    assert result["target"]["dist_info"].endswith("sentence_transformers-9.9.9.dist-info")
+
+
+def test_default_target_is_the_importable_package_found_without_importing(make_target, synthetic, monkeypatch, capsys):
+    root = make_target("installed")
+    init = root / "sentence_transformers" / "__init__.py"
+    init.write_bytes(init.read_bytes() + b'raise RuntimeError("st-patch must not import the target")\r\n')
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.delitem(sys.modules, "sentence_transformers", raising=False)
+    code = cli.main(["status", "--json", "--manifest", str(synthetic.manifest)])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["target"]["path"] == str(root.resolve()) and result["state"] == "pristine"
+    assert "sentence_transformers" not in sys.modules
+
+
+def test_modified_file_is_refused_with_its_name_hashes_and_a_remedy(st, make_target):
+    root = make_target("installed")
+    path = root / MATRYOSHKA
+    path.write_bytes(path.read_bytes() + b"# local edit\r\n")
+    original = snapshot(root)
+    for command in ("check", "apply", "revert"):
+        code, out = st(command, root)
+        assert code == 1, command
+        assert MATRYOSHKA in out and "neither the release's file nor the patched one" in out
+        assert "pip install --force-reinstall --no-deps sentence-transformers==9.9.9" in out
+    assert snapshot(root) == original
+    code, out = st("status", root)
+    assert code == 1 and "modified" in out
+
+
+def test_foreign_file_where_the_series_creates_one_is_refused(st, make_target):
+    root = make_target("source")
+    (root / CACHE).write_bytes(b"mine\r\n")
+    code, out = st("apply", root)
+    assert code == 1 and CACHE in out and "move it away" in out
+    assert (root / CACHE).read_bytes() == b"mine\r\n"
+
+
+def test_unknown_release_is_refused_naming_it_and_the_supported_ones(st, st_json, make_target):
+    root = make_target("source", version="9.9.7")
+    (root / MATRYOSHKA).write_bytes(b"class MatryoshkaLoss:\r\n    pass\r\n")
+    code, out = st("apply", root)
+    assert code == 1 and "9.9.7" in out and "9.9.9" in out and "native: 10.0.0" in out
+    assert "st-patch check" in out
+    code, result = st_json("check", root)
+    assert code == 1 and "Closest series by file content: backport-9.9" in result["error"]
+    assert result["candidates"][0]["series"] == "backport-9.9"
+
+
+def test_unknown_release_with_exactly_matching_files_is_detected_by_content(st, st_json, make_target):
+    root = make_target("installed", version="9.9.7")
+    code, result = st_json("status", root)
+    assert code == 0 and result["release"]["detected"] == "content" and result["state"] == "pristine"
+    code, out = st("apply", root)
+    assert code == 0 and "detected by content" in out
+    assert st("revert", root)[0] == 0
+
+
+@pytest.mark.parametrize("command", ["status", "check", "apply", "revert"])
+def test_native_release_needs_nothing(command, st, make_target):
+    root = make_target("installed", version="10.0.0")
+    original = snapshot(root)
+    code, out = st(command, root)
+    assert code == 0 and "native" in out
+    assert snapshot(root) == original
+
+
+def test_leftovers_of_a_reinstall_are_reused_or_removed(st, st_json, make_target, synthetic):
+    root = make_target("installed")
+    original = snapshot(root)
+    assert st("apply", root)[0] == 0
+    # `pip install --force-reinstall`: the release's files come back, the new module and the record stay.
+    (root / MATRYOSHKA).write_bytes(original[MATRYOSHKA])
+    code, result = st_json("status", root)
+    assert code == 0 and result["state"] == "partial"
+    assert any("left over" in m for m in result["messages"]) and any("stale" in m for m in result["messages"])
+    assert st("apply", root)[0] == 0 and st_json("status", root)[1]["state"] == "patched"
+    (root / MATRYOSHKA).write_bytes(original[MATRYOSHKA])
+    code, out = st("revert", root)
+    assert code == 0
+    assert snapshot(root) == original
+
+
+# ------------------------------------------------------------------------------------- journal
+
+
+def _fail_replace(monkeypatch, root: Path, fail_from: int, error, times=None):
+    """Make os.replace into ``root`` (outside .st-patch/) raise ``error`` from the fail_from-th call on."""
+    real = os.replace
+    seen = {"n": 0, "raised": 0}
+
+    def replace(src, dst, *args, **kwargs):
+        dst_path = Path(dst)
+        if root in dst_path.parents and ".st-patch" not in dst_path.parts:
+            seen["n"] += 1
+            if seen["n"] >= fail_from and (times is None or seen["raised"] < times):
+                seen["raised"] += 1
+                raise error
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return seen
+
+
+def test_crash_during_apply_leaves_a_journal_that_the_next_command_rolls_back(st, st_json, make_target, monkeypatch):
+    root = make_target("source")
+    original = snapshot(root)
+    _fail_replace(monkeypatch, root, 2, OSError(28, "No space left on device (simulated)"))
+    code, out = st("apply", root)
+    assert code == 1 and "rolling back failed too" in out
+    assert (root / "sentence_transformers/.st-patch/journal/journal.json").is_file()
+    assert (root / MATRYOSHKA).read_bytes() != original[MATRYOSHKA], "the first file was replaced"
+    monkeypatch.undo()
+
+    code, result = st_json("status", root)
+    assert code == 0 and result["state"] == "pristine"
+    assert result["recovered"]["op"] == "apply" and "rolled back" in result["recovered"]["action"]
+    assert snapshot(root) == original
+    assert st("apply", root)[0] == 0 and st("revert", root)[0] == 0
+    assert snapshot(root) == original
+
+
+def test_interrupt_during_apply_rolls_back_at_once(st, make_target, monkeypatch):
+    root = make_target("installed")
+    original = snapshot(root)
+    _fail_replace(monkeypatch, root, 2, KeyboardInterrupt(), times=1)
+    code, out = st("apply", root)
+    assert code == 130 and "interrupted" in out
+    assert snapshot(root) == original
+
+
+def test_crash_during_revert_is_completed_by_the_next_command(st, st_json, make_target, monkeypatch):
+    root = make_target("source")
+    original = snapshot(root)
+    assert st("apply", root)[0] == 0
+    _fail_replace(monkeypatch, root, 2, OSError(5, "I/O error (simulated)"))
+    assert st("revert", root)[0] == 1
+    monkeypatch.undo()
+    code, result = st_json("check", root)
+    assert code == 0 and result["recovered"]["op"] == "revert" and "completed" in result["recovered"]["action"]
+    assert snapshot(root) == original
+
+
+# ------------------------------------------------------------------------------- git checkouts
+
+
+def test_git_checkout_apply_is_git_am_and_revert_is_git_revert(st, st_json, make_target, synthetic):
+    repo = make_target("git")
+    head = git(repo, "rev-parse", "HEAD").strip()
+    code, result = st_json("check", repo)
+    assert code == 0 and result["action"] == "would-apply" and result["target"]["kind"] == "git"
+    assert git(repo, "rev-parse", "HEAD").strip() == head and git(repo, "status", "--porcelain") == ""
+
+    code, result = st_json("apply", repo)
+    assert code == 0 and result["action"] == "applied" and len(result["commits"]) == 2
+    messages = git(repo, "log", "--format=%B%x00", head + "..HEAD").split("\0")
+    assert sum(f"St-Patch-Series: {synthetic.series}" in m for m in messages) == 2
+    for rel in synthetic.files:
+        assert (repo / rel).read_bytes() == synthetic.patched[rel].encode(), rel
+    code, out = st("apply", repo)
+    assert code == 0 and "already patched" in out
+
+    code, result = st_json("revert", repo)
+    assert code == 0 and result["identical"] is True and result["state"] == "pristine"
+    assert git(repo, "diff", head, "HEAD") == ""
+    assert st("revert", repo)[0] == 0
+    code, result = st_json("apply", repo)  # again, after the revert
+    assert code == 0 and result["action"] == "applied"
+
+
+def test_git_checkout_refuses_uncommitted_changes_to_touched_files(st, make_target):
+    repo = make_target("git")
+    head = git(repo, "rev-parse", "HEAD").strip()
+    (repo / CACHE).write_text("untracked\n")
+    code, out = st("apply", repo)
+    assert code == 1 and CACHE in out and "uncommitted" in out
+    assert git(repo, "rev-parse", "HEAD").strip() == head
+
+
+def test_git_fork_conflict_is_aborted_and_divergence_is_merged(st, st_json, make_target):
+    repo = make_target("git")
+    path = repo / MATRYOSHKA
+    path.write_text(path.read_text().replace("return self.loss(features)", "return self.fork_loss(features)"))
+    git(repo, "commit", "-qam", "Fork change on the patched line")
+    head = git(repo, "rev-parse", "HEAD").strip()
+    assert st("check", repo)[0] == 1
+    code, out = st("apply", repo)
+    assert code == 1 and "aborted" in out
+    assert git(repo, "rev-parse", "HEAD").strip() == head and git(repo, "status", "--porcelain") == ""
+
+    git(repo, "reset", "-q", "--hard", "HEAD~1")
+    path.write_text(path.read_text().replace("step_6 = features", "step_6 = features  # the fork's own change"))
+    git(repo, "commit", "-qam", "Fork change elsewhere")
+    head = git(repo, "rev-parse", "HEAD").strip()
+    code, result = st_json("status", repo)
+    assert code == 0 and result["state"] == "modified"
+    code, out = st("apply", repo)
+    assert code == 0, out
+    assert st_json("status", repo)[1]["state"] == "patched"
+    assert st("revert", repo)[0] == 0
+    assert git(repo, "diff", head, "HEAD") == ""
+
+
+# --------------------------------------------------------------------------- the script itself
+
+
+def test_script_runs_as_a_program(make_target, synthetic):
+    root = make_target("source")
+    original = snapshot(root)
+    base = [sys.executable, str(CLI)]
+    args = ["--target", str(root), "--manifest", str(synthetic.manifest)]
+    proc = subprocess.run(base + ["apply", "--json"] + args, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["state"] == "patched"
+    proc = subprocess.run(base + ["revert"] + args, stdout=subprocess.PIPE, text=True)
+    assert proc.returncode == 0 and "reverted" in proc.stdout
+    assert snapshot(root) == original
+    assert os.access(str(CLI), os.X_OK) and CLI.read_text().startswith("#!/usr/bin/env python3\n")
+
+
+def test_runs_on_python_3_8(make_target, synthetic):
+    python = find_python38()
+    if python is None:
+        pytest.skip("no Python 3.8 interpreter found")
+    root = make_target("installed")
+    original = snapshot(root)
+    for command in ("check", "apply", "status", "revert"):
+        proc = subprocess.run(
+            [python, str(CLI), command, "--target", str(root), "--manifest", str(synthetic.manifest)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stdout
+    assert snapshot(root) == original
+
+
+def test_sources_are_python_3_8_syntax():
+    for path in [CLI] + sorted((ROOT / "scripts" / "st_patch").glob("*.py")):
+        if path.name not in ("st-patch", "cli.py", "manifest.py", "targets.py", "apply.py"):
+            continue
+        source = path.read_text()
+        ast.parse(source, str(path), feature_version=(3, 8))
+        assert "tomllib" not in source
+        if path.suffix == ".py":
+            assert "from __future__ import annotations" in source, path
+
+
+# ------------------------------------------------------------------ real releases, real manifest
+
+REAL_MANIFEST = ROOT / "patches" / "manifest.json"
+DOWNLOADED = Path("/tmp/dl")  # pre-downloaded sdists/wheels, if this machine has them
+
+
+def _patched_releases():
+    if not REAL_MANIFEST.is_file():
+        return [pytest.param(None, marks=pytest.mark.skip(reason="patches/manifest.json not generated yet"))]
+    releases = json.loads(REAL_MANIFEST.read_text())["releases"]
+    return [version for version, entry in releases.items() if entry["support"] == "patched"]
+
+
+def _unpacked(version: str, kind: str, dest: Path) -> Path:
+    """A fresh unpacked sdist (its source tree) or wheel (laid out as site-packages) of a release."""
+    try:
+        from st_patch import dists
+    except ImportError:  # pragma: no cover - dists.py is another module's; fall back to pip + unpack
+        dists = None
+    if dists is not None:
+        if DOWNLOADED.is_dir():
+            dists.seed_from(DOWNLOADED)
+        return dists.sdist_tree(version, dest) if kind == "sdist" else dists.wheel_tree(version, dest)
+    import tarfile
+    import zipfile
+
+    cache = Path(os.environ.get("ST_PATCH_CACHE", Path.home() / ".cache" / "st-matryoshka-cache")) / "dist" / kind
+    cache.mkdir(parents=True, exist_ok=True)
+    pattern = "sentence[-_]transformers-{}{}".format(version, ".tar.gz" if kind == "sdist" else "-py3-none-any.whl")
+    found = [p for p in cache.iterdir() if re.fullmatch(pattern, p.name)]
+    if not found:
+        binary = ["--no-binary", ":all:"] if kind == "sdist" else ["--only-binary", ":all:"]
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                *binary,
+                f"sentence-transformers=={version}",
+                "-d",
+                str(cache),
+            ],
+            check=True,
+        )
+        found = [p for p in cache.iterdir() if re.fullmatch(pattern, p.name)]
+    dest.mkdir(parents=True)
+    if kind == "wheel":
+        with zipfile.ZipFile(str(found[0])) as wheel:
+            wheel.extractall(str(dest))
+        return dest
+    with tarfile.open(str(found[0])) as tar:
+        tar.extractall(str(dest))
+    (root,) = [p for p in dest.iterdir() if p.is_dir()]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sdist", "wheel"])
+@pytest.mark.parametrize("version", _patched_releases())
+def test_real_release_check_apply_status_apply_revert(version, kind, tmp_path, capsys):
+    """On the release's own sdist (source tree) and wheel (site-packages): the whole cycle, byte-exact."""
+    root = _unpacked(version, kind, tmp_path / kind)
+    original = snapshot(root)
+
+    def run(command):
+        code = cli.main([command, "--target", str(root), "--json"])  # the default manifest: the real one
+        out = capsys.readouterr().out
+        result = json.loads(out)
+        assert code == 0, result["error"]
+        return result
+
+    series = json.loads(REAL_MANIFEST.read_text())["releases"][version]["series"]
+    result = run("check")
+    assert result["action"] == "would-apply" and result["release"]["series"] == series
+    assert result["target"]["kind"] == ("source" if kind == "sdist" else "installed")
+    assert snapshot(root) == original
+    assert run("apply")["action"] == "applied"
+    result = run("status")
+    assert result["state"] == "patched" and result["eol"] == "crlf"
+    assert (root / CACHE).read_bytes().count(b"\r\n") > 0
+    assert (root / NEW_TEST).is_file() == (kind == "sdist" and (root / "tests").is_dir())
+    assert run("apply")["action"] == "already-patched"
+    assert run("revert")["action"] == "reverted"
+    assert snapshot(root) == original
