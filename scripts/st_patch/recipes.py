@@ -162,4 +162,3 @@ BACKPORT = (
     Concern("cmnsrl-symmetric-across-mini-batches", {SYMMETRIC: edit_symmetric}, ()),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
 )
-
