@@ -242,7 +242,7 @@ class Run:
                     )
                 )
             series, how = manifest.series[self.args.series], "option"
-        elif release is not None and release.support == NATIVE:
+        elif release is not None and release.support == NATIVE and not release.series:
             self.out["release"] = _release_json(version, release, None, "manifest")
             self.out["state"] = NATIVE
             self.out["action"] = "none"
@@ -252,7 +252,7 @@ class Run:
                 )
             )
             return OK
-        elif release is not None:
+        elif release is not None:  # a backport series, or the fix series of a native release
             series, how = manifest.series[release.series], "manifest"
         else:
             series, how = self._unknown_release(manifest, version)
@@ -602,7 +602,7 @@ def render(out: Dict) -> str:
         )
     release = out.get("release")
     if release:
-        if release["support"] == NATIVE:
+        if release["support"] == NATIVE and not release["series"]:
             lines.append("  release  {}: native (no series needed)".format(release["version"]))
         elif release["series"]:
             how = {"manifest": "", "content": ", detected by content", "option": ", chosen with --series"}

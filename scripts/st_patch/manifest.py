@@ -218,7 +218,7 @@ def load(path: Path | None = None) -> Manifest:
         if not isinstance(entry, dict) or entry.get("support") not in SUPPORT_KINDS:
             raise ManifestError("{}: support must be one of {}".format(where, ", ".join(SUPPORT_KINDS)))
         series = entry.get("series")
-        if entry["support"] == "patched" and series not in manifest.series:
+        if (entry["support"] == "patched" or series is not None) and series not in manifest.series:
             raise ManifestError(f"{where}: unknown series {series!r}")
         manifest.releases[str(version)] = Release(str(version), entry["support"], series)
     return manifest
