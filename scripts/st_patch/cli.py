@@ -51,7 +51,8 @@ Without --target, the sentence_transformers importable by this Python is used (l
 importlib.util.find_spec, never imported).
 
 The release is read from __version__ in sentence_transformers/__init__.py (not imported) and
-looked up in the manifest. Native releases get their fix series, if the manifest names one; otherwise nothing. For an unknown release whose files match
+looked up in the manifest. Native releases get their fix series if the manifest names one, else
+nothing. For an unknown release whose files match
 one series exactly, that series is used ("detected by content").
 
 Source and installed targets: every file the series touches is checked by sha256 against the
