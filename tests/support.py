@@ -47,17 +47,16 @@ def fork_from_sdist(version: str, dest: Path) -> Path:
 
 
 def release_python(version: str) -> Path:
-    """The python of the release's tox environment (created on first use; tox-uv makes it fast)."""
+    """The python of the release's tox environment, created or brought up to date by tox (fast with tox-uv)."""
     (ROOT / ".tox").mkdir(exist_ok=True)
     python = ROOT / ".tox" / f"st-{version}" / "bin" / "python"
     with FileLock(str(ROOT / ".tox" / f".st-{version}.lock")):
-        if not python.exists():
-            subprocess.run(
-                [sys.executable, "-m", "tox", "-q", "-e", f"st-{version}", "--notest"],
-                cwd=ROOT,
-                check=True,
-                env=tox_environ(),
-            )
+        subprocess.run(
+            [sys.executable, "-m", "tox", "-q", "-e", f"st-{version}", "--notest"],
+            cwd=ROOT,
+            check=True,
+            env=tox_environ(),
+        )
     return python
 
 
