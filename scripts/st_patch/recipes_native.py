@@ -1,11 +1,236 @@
 """Fixes of upstream's native MatryoshkaLoss + cached-loss support (releases 3.4.0 and later).
 
-One concern per upstream defect, so a maintainer can take each patch on its own.
+One concern per upstream defect, so a maintainer can take each patch on its own. Losses live in
+``sentence_transformers/losses/<CamelCase>.py`` up to 5.3.x and in
+``sentence_transformers/sentence_transformer/losses/<snake_case>.py`` from 5.4.0: a defect whose files
+differ between the layouts has one concern per layout, sharing the message (slug). ``releases`` limits
+each concern to the releases measured to have the defect.
 """
 
 from __future__ import annotations
 
-from .recipes import Concern
+import re
+
+from .recipes import LOSSES, Concern, RecipeError, _sub_once
+
+NEW_LOSSES = "sentence_transformers/sentence_transformer/losses"
+
+
+def _paths(old: str, new: str) -> tuple[str, str]:
+    return f"{LOSSES}/{old}.py", f"{NEW_LOSSES}/{new}.py"
+
+
+MATRYOSHKA_OLD, MATRYOSHKA_NEW = _paths("MatryoshkaLoss", "matryoshka")
+GIST_OLD, GIST_NEW = _paths("GISTEmbedLoss", "gist_embed")
+CMNRL_OLD, CMNRL_NEW = _paths("CachedMultipleNegativesRankingLoss", "cached_multiple_negatives_ranking")
+CGIST_OLD, CGIST_NEW = _paths("CachedGISTEmbedLoss", "cached_gist_embed")
+CMNSRL_OLD = f"{LOSSES}/CachedMultipleNegativesSymmetricRankingLoss.py"
+
+
+# --- 1. n_dims_per_step reaches the CachedLossDecorator (3.4.0 - 5.3.x) ---------------------------
+
+
+def edit_matryoshka_n_dims_per_step(text: str) -> str:
+    """MatryoshkaLoss: pass n_dims_per_step to the CachedLossDecorator (5.4.0 does, commit 97d995e3)."""
+    return _sub_once(
+        r"^( +loss\.calculate_loss, self\.matryoshka_dims, self\.matryoshka_weights)\n",
+        lambda m: m.group(1) + ", self.n_dims_per_step\n",
+        text,
+        "MatryoshkaLoss",
+    )
+
+
+# --- 2. GISTEmbedLoss: the guide must not overwrite the model's cached outputs (3.4.0 - 5.6.x) -----
+
+
+def edit_gist_guide_copy(text: str) -> str:
+    """GISTEmbedLoss: run the guide on shallow copies of the features (as 5.7.0 does, #3862)."""
+    return _sub_once(
+        r"^( +)guide_embeddings = \[\n"
+        r"( +)self\.guide\(sentence_feature\)\[\"sentence_embedding\"\] for sentence_feature in sentence_features\n",
+        lambda m: (
+            f"{m.group(1)}# Run the guide on shallow copies: it writes its outputs into the features it is\n"
+            f"{m.group(1)}# given, and loss decorators like MatryoshkaLoss reuse the dicts the model filled.\n"
+            f"{m.group(1)}guide_embeddings = [\n"
+            f'{m.group(2)}self.guide(dict(sentence_feature))["sentence_embedding"] for sentence_feature in sentence_features\n'
+        ),
+        text,
+        "GISTEmbedLoss",
+    )
+
+
+# --- 3. legacy CachedMultipleNegativesSymmetricRankingLoss across mini-batches (3.4.0 - 5.0.0) -----
+# recipes.edit_symmetric (the backport's fix) matches this text too, but it routes the cached path
+# around calculate_loss(reps, with_backward), the method native MatryoshkaLoss decorates: reusing it
+# would make MatryoshkaLoss(CMNSRL) silently train the full dimension only. So the same math is
+# applied inside the native calculate_loss instead.
+
+
+def edit_symmetric_native(text: str) -> str:
+    """CMNSRL.calculate_loss: score each chunk's positives against every anchor; weight chunks by size."""
+    what = "CachedMultipleNegativesSymmetricRankingLoss"
+    text = _sub_once(
+        r"^( +)scores: Tensor = self\.similarity_fct\(embeddings_a\[b:e\], embeddings_b\) \* self\.scale\n"
+        r"\1forward_loss: torch\.Tensor = self\.cross_entropy_loss\(scores, labels\[b:e\]\)\n"
+        r"\n"
+        r"\1positive_scores = scores\[:, b:e\]\n"
+        r"\1backward_loss: torch\.Tensor = self\.cross_entropy_loss\(positive_scores\.t\(\), labels\[: len\(positive_scores\)\]\)\n"
+        r"\n"
+        r"\1loss_mbatch = \(forward_loss \+ backward_loss\) / 2\n",
+        lambda m: (
+            "{i}scores: Tensor = self.similarity_fct(embeddings_a[b:e], embeddings_b) * self.scale\n"
+            "{i}forward_loss: torch.Tensor = self.cross_entropy_loss(scores, labels[b:e])\n"
+            "\n"
+            "{i}# The positives of this chunk are candidates b:e: rank every anchor for each of them.\n"
+            "{i}backward_scores: Tensor = self.similarity_fct(embeddings_b[b:e], embeddings_a) * self.scale\n"
+            "{i}backward_loss: torch.Tensor = self.cross_entropy_loss(backward_scores, labels[b:e])\n"
+            "\n"
+            "{i}# Weight each chunk by its share of the batch, so that the sum is the full-batch loss.\n"
+            "{i}loss_mbatch = (forward_loss + backward_loss) / 2 * (e - b) / batch_size\n"
+        ).format(i=m.group(1)),
+        text,
+        what,
+    )
+    return _sub_once(r"^( +)loss = sum\(losses\) / len\(losses\)\n", lambda m: f"{m.group(1)}loss = sum(losses)\n", text, what)
+
+
+# --- 4. the backward hook gets its forward pass's cache (3.4.0 - 5.6.x) ----------------------------
+
+HOOK_DOC = '''\
+    """A backward hook to backpropagate the cached gradients mini-batch by mini-batch.
+
+    ``cache`` and ``random_states`` belong to the forward pass that registered this hook. They are bound
+    then instead of read off ``loss_obj`` now, so that a second forward pass before this backward pass
+    cannot make the hook back-propagate the other batch's gradients.
+    """
+'''
+
+
+def edit_hook_binds_cache(text: str) -> str:
+    """Cached losses: bind the gradient cache and random states into the backward hook at forward time."""
+    what = "_backward_hook"
+    match = re.search(r"^def _backward_hook\(\n.*?\n\n\n", text, flags=re.M | re.S)
+    if not match or text.count("\ndef _backward_hook(") != 1:
+        raise RecipeError(f"{what}: expected exactly one module-level _backward_hook")
+    hook = match.group(0)
+    hook = _sub_once(
+        r"\Adef _backward_hook\(\n\s*grad_output: Tensor,\s+sentence_features: Iterable\[dict\[str, Tensor\]\],"
+        r"\s+loss_obj: (\w+),?\n\) -> None:\n"
+        r'    """A backward hook to backpropagate the cached gradients mini-batch by mini-batch\."""\n'
+        r"    assert loss_obj\.cache is not None\n"
+        r"    assert loss_obj\.random_states is not None\n",
+        lambda m: (
+            "def _backward_hook(\n"
+            "    grad_output: Tensor,\n"
+            "    sentence_features: Iterable[dict[str, Tensor]],\n"
+            f"    loss_obj: {m.group(1)},\n"
+            "    cache: list[list[Tensor]],\n"
+            "    random_states: list[list[RandContext]],\n"
+            ") -> None:\n" + HOOK_DOC
+        ),
+        hook,
+        what,
+    )
+    hook = _sub_once(
+        r"^( +)for sentence_feature, grad, random_states in zip\(sentence_features, loss_obj\.cache, loss_obj\.random_states\):\n",
+        lambda m: f"{m.group(1)}for sentence_feature, grad, column_random_states in zip(sentence_features, cache, random_states):\n",
+        hook,
+        what,
+    )
+    hook = _sub_once(r"^( +)random_states=random_states,\n", lambda m: f"{m.group(1)}random_states=column_random_states,\n", hook, what)
+    text = text[: match.start()] + hook + text[match.end() :]
+    return _sub_once(
+        r"^( +)loss\.register_hook\(partial\(_backward_hook, sentence_features=sentence_features, loss_obj=self\)\)\n",
+        lambda m: (
+            "{i}loss.register_hook(\n"
+            "{i}    partial(\n"
+            "{i}        _backward_hook,\n"
+            "{i}        sentence_features=sentence_features,\n"
+            "{i}        loss_obj=self,\n"
+            "{i}        cache=self.cache,\n"
+            "{i}        random_states=self.random_states,\n"
+            "{i}    )\n"
+            "{i})\n"
+        ).format(i=m.group(1)),
+        text,
+        what,
+    )
+
+
+# --- 5. MatryoshkaLoss decorates calculate_loss per call, not at construction (3.4.0 - 6.2.0) -------
+
+PER_CALL_FORWARD = """\
+        # For the gradient-caching (Cached...) losses, decorate `calculate_loss` of the loss for this call only, as
+        # model.forward is decorated below: decorating it once at construction mutated the loss for good, and a
+        # second MatryoshkaLoss around the same loss stacked its decorator on top of the first one.
+        if {condition}:
+            shadowed = vars(self.loss).get("calculate_loss")
+            self.loss.calculate_loss = CachedLossDecorator(
+                self.loss.calculate_loss, self.matryoshka_dims, self.matryoshka_weights, self.n_dims_per_step
+            )
+            try:
+                return self.loss(sentence_features, labels)
+            finally:
+                if shadowed is None:
+                    del self.loss.calculate_loss
+                else:
+                    self.loss.calculate_loss = shadowed
+"""
+
+
+def edit_matryoshka_per_call(text: str) -> str:
+    """MatryoshkaLoss: shadow the inner loss's calculate_loss for the duration of forward() only."""
+    what = "MatryoshkaLoss"
+    text = _sub_once(
+        r"^        if (?:isinstance\(loss, self\.cached_losses\)|self\.uses_gradient_cache):\n"
+        r"            loss\.calculate_loss = CachedLossDecorator\(\n"
+        r"                loss\.calculate_loss, self\.matryoshka_dims, self\.matryoshka_weights, self\.n_dims_per_step\n"
+        r"            \)\n",
+        "",
+        text,
+        what,
+    )
+    return _sub_once(
+        r"^        # For the (?:Cached\.\.\.|gradient-caching) losses, the CachedLossDecorator has been applied to the "
+        r"`calculate_loss`(?: method,)?\n"
+        r"        # (?:method, )?so we can directly call the loss function\.\n"
+        r"        if (isinstance\(self\.loss, self\.cached_losses\)|self\.uses_gradient_cache):\n"
+        r"            return self\.loss\(sentence_features, labels\)\n",
+        lambda m: PER_CALL_FORWARD.format(condition=m.group(1)),
+        text,
+        what,
+    )
+
 
 #: In patch order.
-NATIVE_FIXES: tuple[Concern, ...] = ()
+NATIVE_FIXES: tuple[Concern, ...] = (
+    Concern(
+        "native-matryoshka-cached-n-dims-per-step",
+        {MATRYOSHKA_OLD: edit_matryoshka_n_dims_per_step},
+        releases=">=3.4.0,<5.4.0",
+    ),
+    Concern("native-gist-guide-on-feature-copies", {GIST_OLD: edit_gist_guide_copy}, releases=">=3.4.0,<5.4.0"),
+    Concern("native-gist-guide-on-feature-copies", {GIST_NEW: edit_gist_guide_copy}, releases=">=5.4.0,<5.7.0"),
+    Concern(
+        "native-cmnsrl-symmetric-across-mini-batches",
+        {CMNSRL_OLD: edit_symmetric_native},
+        releases=">=3.4.0,<5.1.0",
+    ),
+    Concern(
+        "native-gradcache-hook-binds-cache",
+        {CMNRL_OLD: edit_hook_binds_cache, CGIST_OLD: edit_hook_binds_cache, CMNSRL_OLD: edit_hook_binds_cache},
+        releases=">=3.4.0,<5.3.0",
+    ),
+    Concern(
+        "native-gradcache-hook-binds-cache",
+        {CMNRL_OLD: edit_hook_binds_cache, CGIST_OLD: edit_hook_binds_cache},
+        releases=">=5.3.0,<5.4.0",  # 5.3.0's CMNSRL subclasses CMNRL (#3607): no hook of its own
+    ),
+    Concern(
+        "native-gradcache-hook-binds-cache",
+        {CMNRL_NEW: edit_hook_binds_cache, CGIST_NEW: edit_hook_binds_cache},
+        releases=">=5.4.0,<5.7.0",
+    ),
+    Concern("native-matryoshka-decorate-per-call", {MATRYOSHKA_OLD: edit_matryoshka_per_call}, releases=">=3.4.0,<5.4.0"),
+    Concern("native-matryoshka-decorate-per-call", {MATRYOSHKA_NEW: edit_matryoshka_per_call}, releases=">=5.4.0"),
+)
