@@ -78,20 +78,22 @@ def edit_symmetric_native(text: str) -> str:
         r"\n"
         r"\1loss_mbatch = \(forward_loss \+ backward_loss\) / 2\n",
         lambda m: (
-            "{i}scores: Tensor = self.similarity_fct(embeddings_a[b:e], embeddings_b) * self.scale\n"
-            "{i}forward_loss: torch.Tensor = self.cross_entropy_loss(scores, labels[b:e])\n"
+            f"{m.group(1)}scores: Tensor = self.similarity_fct(embeddings_a[b:e], embeddings_b) * self.scale\n"
+            f"{m.group(1)}forward_loss: torch.Tensor = self.cross_entropy_loss(scores, labels[b:e])\n"
             "\n"
-            "{i}# The positives of this chunk are candidates b:e: rank every anchor for each of them.\n"
-            "{i}backward_scores: Tensor = self.similarity_fct(embeddings_b[b:e], embeddings_a) * self.scale\n"
-            "{i}backward_loss: torch.Tensor = self.cross_entropy_loss(backward_scores, labels[b:e])\n"
+            f"{m.group(1)}# The positives of this chunk are candidates b:e: rank every anchor for each of them.\n"
+            f"{m.group(1)}backward_scores: Tensor = self.similarity_fct(embeddings_b[b:e], embeddings_a) * self.scale\n"
+            f"{m.group(1)}backward_loss: torch.Tensor = self.cross_entropy_loss(backward_scores, labels[b:e])\n"
             "\n"
-            "{i}# Weight each chunk by its share of the batch, so that the sum is the full-batch loss.\n"
-            "{i}loss_mbatch = (forward_loss + backward_loss) / 2 * (e - b) / batch_size\n"
-        ).format(i=m.group(1)),
+            f"{m.group(1)}# Weight each chunk by its share of the batch, so that the sum is the full-batch loss.\n"
+            f"{m.group(1)}loss_mbatch = (forward_loss + backward_loss) / 2 * (e - b) / batch_size\n"
+        ),
         text,
         what,
     )
-    return _sub_once(r"^( +)loss = sum\(losses\) / len\(losses\)\n", lambda m: f"{m.group(1)}loss = sum(losses)\n", text, what)
+    return _sub_once(
+        r"^( +)loss = sum\(losses\) / len\(losses\)\n", lambda m: f"{m.group(1)}loss = sum(losses)\n", text, what
+    )
 
 
 # --- 4. the backward hook gets its forward pass's cache (3.4.0 - 5.6.x) ----------------------------
@@ -133,25 +135,32 @@ def edit_hook_binds_cache(text: str) -> str:
     )
     hook = _sub_once(
         r"^( +)for sentence_feature, grad, random_states in zip\(sentence_features, loss_obj\.cache, loss_obj\.random_states\):\n",
-        lambda m: f"{m.group(1)}for sentence_feature, grad, column_random_states in zip(sentence_features, cache, random_states):\n",
+        lambda m: (
+            f"{m.group(1)}for sentence_feature, grad, column_random_states in zip(sentence_features, cache, random_states):\n"
+        ),
         hook,
         what,
     )
-    hook = _sub_once(r"^( +)random_states=random_states,\n", lambda m: f"{m.group(1)}random_states=column_random_states,\n", hook, what)
+    hook = _sub_once(
+        r"^( +)random_states=random_states,\n",
+        lambda m: f"{m.group(1)}random_states=column_random_states,\n",
+        hook,
+        what,
+    )
     text = text[: match.start()] + hook + text[match.end() :]
     return _sub_once(
         r"^( +)loss\.register_hook\(partial\(_backward_hook, sentence_features=sentence_features, loss_obj=self\)\)\n",
         lambda m: (
-            "{i}loss.register_hook(\n"
-            "{i}    partial(\n"
-            "{i}        _backward_hook,\n"
-            "{i}        sentence_features=sentence_features,\n"
-            "{i}        loss_obj=self,\n"
-            "{i}        cache=self.cache,\n"
-            "{i}        random_states=self.random_states,\n"
-            "{i}    )\n"
-            "{i})\n"
-        ).format(i=m.group(1)),
+            f"{m.group(1)}loss.register_hook(\n"
+            f"{m.group(1)}    partial(\n"
+            f"{m.group(1)}        _backward_hook,\n"
+            f"{m.group(1)}        sentence_features=sentence_features,\n"
+            f"{m.group(1)}        loss_obj=self,\n"
+            f"{m.group(1)}        cache=self.cache,\n"
+            f"{m.group(1)}        random_states=self.random_states,\n"
+            f"{m.group(1)}    )\n"
+            f"{m.group(1)})\n"
+        ),
         text,
         what,
     )
@@ -231,6 +240,8 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         {CMNRL_NEW: edit_hook_binds_cache, CGIST_NEW: edit_hook_binds_cache},
         releases=">=5.4.0,<5.7.0",
     ),
-    Concern("native-matryoshka-decorate-per-call", {MATRYOSHKA_OLD: edit_matryoshka_per_call}, releases=">=3.4.0,<5.4.0"),
+    Concern(
+        "native-matryoshka-decorate-per-call", {MATRYOSHKA_OLD: edit_matryoshka_per_call}, releases=">=3.4.0,<5.4.0"
+    ),
     Concern("native-matryoshka-decorate-per-call", {MATRYOSHKA_NEW: edit_matryoshka_per_call}, releases=">=5.4.0"),
 )
