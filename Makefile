@@ -31,6 +31,16 @@ test: ## the project's tests: series, CLI on every release (sdist + wheel), fork
 test-fast: ## the project's tests without the ones that create environments or download releases
 	$(PYTHON) -m pytest tests -n $(JOBS) -m "not slow"
 
+.PHONY: matrix
+matrix: ## conformance suite per release, JOBS at a time, resumable: VERSIONS="3.3.1 5.3.0" LANE=newest|oldest|both FORCE=1 RECREATE=1
+	$(PYTHON) -m scripts.st_patch.matrix --lane $(or $(LANE),newest) $(if $(VERSIONS),--versions "$(VERSIONS)") \
+		$(if $(filter command line environment,$(origin JOBS)),--jobs $(JOBS)) \
+		$(if $(filter-out 0,$(FORCE)),--force) $(if $(filter-out 0,$(RECREATE)),--recreate)
+
+.PHONY: report
+report: ## merge results/*.json into report/report.md (a PR comment) and report/report.html
+	$(PYTHON) -m scripts.st_patch.report --results results --out report
+
 .PHONY: series
 series: ## regenerate patches/series and patches/manifest.json from patches/source and releases.toml
 	$(PYTHON) -m scripts.st_patch.series

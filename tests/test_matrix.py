@@ -1,0 +1,176 @@
+"""make matrix: selection, freshness (resumable), retry on a stale environment, progress and exit code.
+
+tox itself is replaced by a small fake, so these tests are fast; the slow test creates one real
+environment of each lane.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from st_patch import matrix, toxgen
+from support import ROOT, TABLE
+
+
+def test_select_all_some_and_unknown():
+    jobs = matrix.select(None, "newest")
+    assert [j.env for j in jobs] == [f"st-{r.version}" for r in TABLE]
+    jobs = matrix.select(["5.3.0", "3.3.1"], "both")
+    assert [j.env for j in jobs] == ["st-3.3.1", "st-5.3.0", "st-3.3.1-oldest", "st-5.3.0-oldest"]
+    assert jobs[0].series and jobs[0].series.startswith("backport-")
+    with pytest.raises(ValueError, match="9.9.9"):
+        matrix.select(["9.9.9"], "newest")
+
+
+def _fake_root(tmp_path):
+    root = tmp_path / "root"
+    for rel in (
+        "tox.ini",
+        "patches/manifest.json",
+        "scripts/st-patch",
+        "conformance/test_a.py",
+        "config/uv-oldest.toml",
+    ):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x\n")
+    return root
+
+
+def _results(job, status="passed", exitstatus=0):
+    job.results.mkdir(parents=True, exist_ok=True)
+    job.json_path.write_text(
+        json.dumps({"release": job.version, "exitstatus": exitstatus, "checks": [{"id": "a", "status": status}]})
+    )
+
+
+def test_freshness_follows_the_inputs(tmp_path):
+    root = _fake_root(tmp_path)
+    job = matrix.Job("3.3.1", "oldest", results=tmp_path / "results")
+    assert not matrix.is_fresh(job, root)
+    _results(job)
+    assert matrix.is_fresh(job, root)
+    later = time.time() + 5
+    os.utime(root / "config" / "uv-oldest.toml", (later, later))  # an input of the oldest lane only
+    assert not matrix.is_fresh(job, root)
+    assert matrix.is_fresh(matrix.Job("3.3.1", "newest", results=tmp_path / "results2"), root) is False
+
+
+def test_summarize_counts_and_outcome(tmp_path):
+    job = matrix.Job("3.3.1", "newest", results=tmp_path)
+    _results(job, "xpassed", exitstatus=1)
+    assert matrix.summarize(job.json_path) == (False, "1 xpassed")
+    _results(job, "xfailed")
+    assert matrix.summarize(job.json_path) == (True, "1 xfailed")
+
+
+FAKE_TOX = textwrap.dedent(
+    """
+    import json, os, sys, time
+    env, recreate = sys.argv[1], "-r" in sys.argv
+    results, envdir = os.environ["FAKE_RESULTS"], os.environ["FAKE_ENVDIR"]
+    os.makedirs(os.path.join(envdir, env), exist_ok=True)
+    if env.startswith("st-2.4.0") and not recreate and os.path.exists(os.path.join(envdir, env, "stale")):
+        print("st-patch apply: refused: modified files")
+        sys.exit(1)
+    status = "failed" if env.startswith("st-2.5.0") else "passed"
+    with open(os.path.join(results, env + ".json"), "w") as fh:
+        checks = [{"id": "c", "status": status}]
+        json.dump({"release": env, "exitstatus": int(status == "failed"), "checks": checks}, fh)
+    sys.exit(int(status == "failed"))
+    """
+)
+
+
+def test_run_parallel_resumable_with_retry_on_a_stale_env(tmp_path, monkeypatch):
+    root = _fake_root(tmp_path)
+    results = tmp_path / "results"
+    envdir = root / ".tox"
+    fake = tmp_path / "fake_tox.py"
+    fake.write_text(FAKE_TOX)
+    monkeypatch.setenv("FAKE_RESULTS", str(results))
+    monkeypatch.setenv("FAKE_ENVDIR", str(envdir))
+    monkeypatch.setattr(
+        matrix, "tox_command", lambda job, recreate: [sys.executable, str(fake), job.env] + (["-r"] if recreate else [])
+    )
+    monkeypatch.setattr(matrix, "_st_patch_status", lambda job, root: {"series": job.series, "kind": "installed"})
+    (envdir / "st-2.4.0").mkdir(parents=True)
+    (envdir / "st-2.4.0" / "stale").write_text("")  # patched by an older series: apply refuses
+    jobs = [matrix.Job(v, "newest", series=None, results=results) for v in ("2.4.0", "2.5.0", "2.6.0")]
+
+    out = io.StringIO()
+    assert matrix.run(jobs, parallel=2, force=False, recreate=False, root=root, out=out) == 1
+    lines = out.getvalue().splitlines()
+    progress = sorted(ln for ln in lines if ln.startswith("["))
+    assert len(progress) == 3 and {ln[:5] for ln in progress} == {"[1/3]", "[2/3]", "[3/3]"}
+    by_env = {ln.split()[1]: ln for ln in progress}
+    assert " pass " in by_env["st-2.4.0"] and "recreated" in by_env["st-2.4.0"]
+    assert " fail " in by_env["st-2.5.0"] and "1 failed" in by_env["st-2.5.0"]
+    assert " pass " in by_env["st-2.6.0"] and " ran " in by_env["st-2.6.0"]
+    assert "matrix: 2/3 passed (3 ran, 0 cached)" in out.getvalue()
+    assert "FAILED st-2.5.0" in out.getvalue()
+    record = json.loads((results / "st-2.4.0.run.json").read_text())
+    assert record["recreated"] is True and record["returncode"] == 0 and record["lane"] == "newest"
+    assert "recreating the environment" in (results / "logs" / "st-2.4.0.log").read_text()
+
+    out = io.StringIO()  # again: every result is fresh, the failure is remembered
+    assert matrix.run(jobs, parallel=2, force=False, recreate=False, root=root, out=out) == 1
+    assert "(0 ran, 3 cached)" in out.getvalue() and out.getvalue().count(" cached ") == 3
+
+    out = io.StringIO()
+    assert matrix.run(jobs[:1], parallel=1, force=True, recreate=False, root=root, out=out) == 0
+    assert "(1 ran, 0 cached)" in out.getvalue()
+
+
+def test_make_passes_the_variables():
+    result = subprocess.run(
+        ["make", "-n", "matrix", "VERSIONS=3.3.1 5.3.0", "LANE=oldest", "JOBS=3", "FORCE=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    command = " ".join(result.stdout.replace("\\\n", " ").split())
+    assert '-m scripts.st_patch.matrix --lane oldest --versions "3.3.1 5.3.0" --jobs 3 --force' in command
+    result = subprocess.run(["make", "-n", "matrix"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "--jobs" not in result.stdout and "--force" not in result.stdout  # default: core count, resumable
+
+
+def test_tox_ini_has_both_lanes():
+    text = (ROOT / "tox.ini").read_text()
+    for release in TABLE:
+        assert f"[testenv:{toxgen.env_name(release.version)}]" in text
+        section = text.split(f"[testenv:{toxgen.env_name(release.version, 'oldest')}]\n", 1)[1].split("\n[", 1)[0]
+        assert f"UV_EXCLUDE_NEWER = {release.date.isoformat()}T00:00:00Z" in section
+        assert "UV_CONFIG_FILE = {tox_root}/config/uv-oldest.toml" in section
+        assert f"sentence-transformers=={release.version}" in section and "torch==2.13.0" in section
+    for release in TABLE:  # newest lane: exact pins only
+        section = text.split(f"[testenv:st-{release.version}]\n", 1)[1].split("\n[", 1)[0]
+        deps = [d.strip() for d in section.split("deps =", 1)[1].splitlines() if d.strip()]
+        assert all("==" in d for d in deps if d not in ("pytest", "pytest-xdist", "packaging")), deps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ["st-2.4.0-oldest", "st-3.3.1"])
+def test_environment_creates_and_imports(env):
+    """One real environment per lane: created by tox (uv), sentence-transformers imports."""
+    environ = {**os.environ, "UV_FIND_LINKS": os.environ.get("UV_FIND_LINKS", "/opt/wheels")}
+    subprocess.run([sys.executable, "-m", "tox", "-q", "-e", env, "--notest"], cwd=ROOT, check=True, env=environ)
+    python = ROOT / ".tox" / env / "bin" / "python"
+    out = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import sentence_transformers, torch; print(sentence_transformers.__version__, torch.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out[0] == env.split("-")[1] and out[1] == "2.13.0+cpu"

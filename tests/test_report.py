@@ -1,0 +1,155 @@
+"""The report reads result JSON only: grid, failures in one line, expected failures with links, timings."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+from st_patch import report
+
+URL = "https://github.com/huggingface/sentence-transformers/issues/3100"
+
+
+def _check(cid, status, diff=None, message="", duration=0.5):
+    return {
+        "id": cid,
+        "status": status,
+        "max_abs_diff": diff,
+        "max_rel_diff": None if diff is None else diff * 10,
+        "duration": duration,
+        "message": message,
+    }
+
+
+def _write(directory, name, release, state, checks, exitstatus=0, run=None):
+    data = {
+        "release": release,
+        "state": state,
+        "torch": "2.13.0+cpu",
+        "transformers": "4.57.6",
+        "exitstatus": exitstatus,
+        "checks": checks,
+    }
+    (directory / f"{name}.json").write_text(json.dumps(data))
+    if run is not None:
+        (directory / f"{name}.run.json").write_text(json.dumps(run))
+
+
+def _results(tmp_path):
+    d = tmp_path / "results"
+    d.mkdir()
+    eq = "conformance/test_equivalence.py::test_cached_vs_reference"
+    _write(
+        d,
+        "st-3.3.1",
+        "3.3.1",
+        "patched",
+        [
+            _check(f"{eq}[CMNRL-a]", "passed", 1e-12),
+            _check(f"{eq}[CMNRL-b]", "passed", 3e-11),
+            _check("conformance/test_lifecycle.py::test_scaled_backward", "passed"),
+        ],
+        run={"seconds": 61.2, "st_patch": {"series": "backport-3.3.0-3.3.1", "kind": "installed", "state": "patched"}},
+    )
+    _write(
+        d,
+        "st-5.3.0",
+        "5.3.0",
+        "native",
+        [
+            _check(f"{eq}[CMNRL-a]", "failed", 0.73, "AssertionError: Tensor-likes are not close!\nMismatched 3/4"),
+            _check(f"{eq}[CMNRL-b]", "passed", 1e-9),
+            _check(
+                "conformance/test_lifecycle.py::test_scaled_backward",
+                "xfailed",
+                None,
+                f"xfail: [gist-guide-mutation] GIST mutates the features ({URL})",
+            ),
+        ],
+        exitstatus=1,
+        run={"seconds": 70, "st_patch": {"series": None, "kind": "installed", "state": "native"}},
+    )
+    _write(d, "st-10.0.0", "10.0.0", "native", [_check(f"{eq}[CMNRL-a]", "passed", 0.0)])  # no sidecar
+    (d / "project-tests.json").write_text(json.dumps({"something": "else"}))  # not a conformance summary
+    (d / "broken.json").write_text("{not json")
+    return d
+
+
+def test_markdown_has_summary_grid_failures_and_expected_failures(tmp_path):
+    runs, warnings = report.load(_results(tmp_path))
+    assert [r.name for r in runs] == ["st-3.3.1", "st-5.3.0", "st-10.0.0"]  # by version, not by name
+    assert warnings == [
+        "broken.json: not readable JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
+    ]
+    md = report.render_markdown(runs, warnings)
+    assert "**2/3 runs passed** — failing: st-5.3.0" in md
+    row_331 = next(ln for ln in md.splitlines() if ln.startswith("| st-3.3.1 | 3.3.1"))
+    assert "backport-3.3.0-3.3.1 (installed, patched)" in row_331 and "3.00e-11" in row_331 and "61s" in row_331
+    row_530 = next(ln for ln in md.splitlines() if ln.startswith("| st-5.3.0 | 5.3.0"))
+    assert "none (native)" in row_530 and "7.30e-01" in row_530 and "❌ fail" in row_530
+    grid_530 = [ln for ln in md.splitlines() if ln.startswith("| st-5.3.0 | ") and "❌ 1/2" in ln]
+    assert grid_530 and "⚠️ xfail 1/1" in grid_530[0]
+    failure = next(ln for ln in md.splitlines() if ln.startswith("- **st-5.3.0**"))
+    assert failure.endswith("failed: AssertionError: Tensor-likes are not close! Mismatched 3/4")  # one line
+    assert f"[huggingface/sentence-transformers#3100]({URL})" in md and "gist-guide-mutation" in md
+    assert "| st-10.0.0 | 10.0.0 | native | ? |" in md  # no sidecar: series unknown
+
+
+def test_html_is_self_contained_and_well_formed(tmp_path):
+    runs, warnings = report.load(_results(tmp_path))
+    text = report.render_html(runs, warnings)
+    assert "<script" not in text and "<link" not in text and "<style>" in text
+    assert f'href="{URL}"' in text
+    assert 'class="fail" title="test_cached_vs_reference[CMNRL-a]: failed: AssertionError' in text
+
+    class Parser(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in ("meta", "br"):
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.stack and self.stack.pop() == tag, tag
+
+    parser = Parser()
+    parser.feed(text)
+    assert parser.stack == []
+
+
+def test_main_writes_both_files_and_handles_no_results(tmp_path):
+    out = tmp_path / "report"
+    assert report.main(["--results", str(_results(tmp_path)), "--out", str(out)]) == 0
+    assert (out / "report.md").read_text().startswith("## Conformance matrix")
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main(["--results", str(empty), "--out", str(out)]) == 0
+    assert "No results found" in (out / "report.md").read_text()
+
+
+def test_markdown_stays_within_a_comment(tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    checks = [_check(f"conformance/test_x.py::test_y[{i}]", "failed", 1.0, "x" * 300) for i in range(400)]
+    for n in range(10):
+        _write(d, f"st-1.{n}.0", f"1.{n}.0", "native", checks, exitstatus=1)
+    md = report.render_markdown(*report.load(d))
+    assert len(md) <= report.MD_LIMIT and "- **st-1.9.0**: … 392 more failing checks (report.html lists all)" in md
+
+
+def test_markdown_is_cut_at_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "MD_LIMIT", 1000)
+    d = tmp_path / "many"
+    d.mkdir()
+    for n in range(30):
+        _write(d, f"st-1.{n}.0", f"1.{n}.0", "native", [_check("conformance/test_x.py::test_y", "passed")])
+    md = report.render_markdown(*report.load(d))
+    assert len(md) <= 1100 and md.rstrip().endswith("the full report is report.html)")
+
+
+def test_group_of_and_links():
+    assert report.group_of("conformance/test_a.py::test_b[x-y::z]") == "test_a::test_b"
+    assert report.upstream_links(f"see ({URL}). and {URL}") == [URL]
