@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 
 import pytest
-from st_patch import recipes
+from st_patch import dists, recipes
 from support import MANIFEST, PATCHED, ROOT, TABLE, fork_from_sdist, git, release_python, st_patch, tox_environ
 
 FORK_TEST = "tests/test_matryoshka_cached_losses.py"
@@ -136,3 +137,18 @@ def test_series_apply_to_the_upstream_tag(version, tmp_path):
         assert hashlib.sha256((repo / path).read_bytes()).hexdigest() == states["patched"]["sha256_lf"], path
     assert st_patch("revert", "--target", str(repo)).returncode == 0
     assert git(repo, "diff", f"v{version}", "HEAD") == ""
+
+
+@pytest.mark.slow
+def test_check_on_an_unknown_release_reports_drift(tmp_path):
+    """A fork of 3.3.1 with a new version and an edited MatryoshkaLoss: check names the closest series."""
+    tree = dists.sdist_tree("3.3.1", tmp_path)
+    init = tree / "sentence_transformers" / "__init__.py"
+    init.write_bytes(init.read_bytes().replace(b'__version__ = "3.3.1"', b'__version__ = "3.3.2.dev0"'))
+    module = tree / "sentence_transformers" / "losses" / "MatryoshkaLoss.py"
+    module.write_bytes(module.read_bytes().replace(b"Representation Learning}", b"Representation Learning (fork)}"))
+    result = st_patch("check", "--json", "--target", str(tree))
+    assert result.returncode == 1
+    report = json.loads(result.stdout)["drift"]
+    assert report["closest"] == "backport-3.3.0-3.3.1" and report["support"]["state"] != "native"
+    assert "closest series backport-3.3.0-3.3.1" in st_patch("check", "--target", str(tree)).stdout

@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (short, long) in COMMANDS.items():
         sub.add_parser(name, parents=[common], help=short, description=long, epilog=EXIT_CODES, formatter_class=fmt)
+    sub.add_parser(
+        "review",
+        help="for reviewers: patched files vs upstream's native code, range-diff of adjacent series "
+        "(st-patch review --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -308,7 +314,13 @@ class Run:
             "patches": [],
             "detected": None,
         }
-        raise Refusal(text, candidates=candidates if self.command == "check" else None)
+        drift = None
+        if self.command == "check":  # which hunks fail, and whether the release is native already
+            from . import drift as dr
+
+            drift = dr.drift_report(target.root, json.loads(manifest.path.read_text()), manifest.path.parent / "series")
+            self.note(dr.format_text(drift))
+        raise Refusal(text, candidates=candidates if self.command == "check" else None, drift=drift)
 
     def _refuse_unless_clean(self, states: List[tg.FileState], action: str) -> str:
         """The whole-target state, or a Refusal when the files are neither pristine nor patched."""
@@ -646,6 +658,11 @@ def render(out: Dict) -> str:
 
 
 def main(argv: List[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["review"]:  # a reviewer's aid with options of its own: st-patch review --help
+        from . import review
+
+        return review.main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Review aid for the series (``st-patch review``; until the CLI exposes it, ``python -m scripts.st_patch.review``).
+"""Review aid for the series (``st-patch review``).
 
 Two views a reviewer of a series wants:
 
