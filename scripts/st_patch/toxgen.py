@@ -152,7 +152,7 @@ env:
 jobs:
   release:
     name: st-${{{{ matrix.version }}}} (${{{{ matrix.lane }}}})
-    runs-on: ubuntu-24.04
+    runs-on: ubuntu-latest
     timeout-minutes: 40
     strategy:
       fail-fast: false
@@ -200,7 +200,7 @@ jobs:
   report:
     needs: release
     if: ${{{{ always() }}}}
-    runs-on: ubuntu-24.04
+    runs-on: ubuntu-latest
     timeout-minutes: 10
     steps:
       - uses: {checkout}
