@@ -24,8 +24,16 @@ demo: ## the main job: a fresh env of sentence-transformers $(VERSION), apply it
 	$(PYTHON) -m tox -r -e st-$(VERSION)
 
 .PHONY: test
-test: ## the project's tests: series, CLI on every release (sdist + wheel), forks, numerics
+test: test-project test-conformance ## what CI runs: the project's tests, then the conformance suite on one release per minor line
+
+.PHONY: test-project
+test-project: ## the project's tests: generated files, CLI on every release (sdist + wheel), forks, numerics
 	$(PYTHON) -m pytest tests -n $(JOBS) --junitxml results/project-tests.xml
+
+.PHONY: test-conformance
+test-conformance: ## the conformance suite, series applied, on the newest release of every minor line (2.4 ... 6.2)
+	@status=0; $(PYTHON) -m scripts.st_patch.matrix --versions "$$($(PYTHON) -m scripts.st_patch.releases --minor-lines)" \
+		|| status=$$?; $(MAKE) --no-print-directory report; exit $$status
 
 .PHONY: test-fast
 test-fast: ## the project's tests without the ones that create environments or download releases

@@ -46,3 +46,19 @@ def load(path: Path = TABLE) -> list[Release]:
             raise ValueError(f"{path}: release {version}: date must be a TOML date (YYYY-MM-DD)")
         releases.append(Release(str(Version(version)), row["date"], tuple(pins[row["pins"]]), row["support"]))
     return sorted(releases, key=lambda r: r.key)
+
+
+def minor_lines(table: list[Release] | None = None) -> list[Release]:
+    """The newest release of every minor line (2.4, 2.5, …): what CI runs the conformance suite on."""
+    newest: dict[tuple[int, int], Release] = {}
+    for release in table or load():
+        newest[release.key.release[:2]] = release
+    return list(newest.values())
+
+
+if __name__ == "__main__":  # python -m scripts.st_patch.releases --minor-lines
+    import sys
+
+    if sys.argv[1:] != ["--minor-lines"]:
+        sys.exit("usage: python -m scripts.st_patch.releases --minor-lines")
+    print(" ".join(r.version for r in minor_lines()))
