@@ -1,0 +1,220 @@
+"""Adapters between the suite and whichever sentence-transformers (ST) release is importable.
+
+Why a separate module: the checks and the oracle are written once; everything that differs between
+ST 2.4.0 and 6.2.0 in *API* (import paths, tokenisation, constructor keywords, which cached losses
+exist) is decided here, from the installed version or by inspecting signatures, so that tests stay
+free of ``if version < ...`` branches. *Semantic* differences between releases (e.g. GIST margin
+rules) are also decided here, but only as plain parameters that the oracle receives; the oracle
+never looks at ST.
+
+Nothing here computes a loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import os
+import warnings
+from typing import Any
+
+import sentence_transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from conformance import env
+from conformance.oracle import InnerSpec
+
+ST_VERSION = Version(sentence_transformers.__version__)
+#: The release string as reported by the package (goes into the JSON summary).
+ST_RELEASE = sentence_transformers.__version__
+
+PATCH_MODULE = env.PATCH_MODULE
+
+
+def _state() -> str:
+    """env.STATE (file lookup), cross-checked with ``find_spec`` now that the package is imported."""
+    if os.environ.get("CONFORMANCE_STATE"):
+        return env.STATE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = importlib.util.find_spec(PATCH_MODULE) is not None
+    except (ImportError, ValueError):
+        found = False
+    state = "patched" if found else "native"
+    if state != env.STATE or ST_RELEASE != env.RELEASE:
+        raise RuntimeError(
+            f"conformance.env saw {env.RELEASE}/{env.STATE} but the imported package is {ST_RELEASE}/{state}"
+        )
+    return state
+
+
+STATE = _state()
+
+
+def _losses_module():
+    """The module holding the loss classes: the new layout from 5.4, ``sentence_transformers.losses`` before."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 5.6+ warns on the old path
+        try:
+            return importlib.import_module("sentence_transformers.sentence_transformer.losses")
+        except ImportError:
+            return importlib.import_module("sentence_transformers.losses")
+
+
+LOSSES = _losses_module()
+
+
+def _models_module():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module("sentence_transformers.models")
+
+
+MODELS = _models_module()
+
+
+def loss_class(name: str):
+    """The ST loss class called ``name``, or None where this release does not have it."""
+    return getattr(LOSSES, name, None)
+
+
+#: Each inner-loss kind: (non-cached class name, cached class name).
+LOSS_NAMES = {
+    "mnrl": ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"),
+    "mnsrl": ("MultipleNegativesSymmetricRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss"),
+    "gist": ("GISTEmbedLoss", "CachedGISTEmbedLoss"),
+}
+#: Short names used in test ids.
+SHORT = {"mnrl": "CMNRL", "mnsrl": "CMNSRL", "gist": "CGIST"}
+
+
+def has_cached(kind: str) -> bool:
+    """CMNRL exists in every release tested, CGIST from 2.7.0, CMNSRL from 3.1.0."""
+    return loss_class(LOSS_NAMES[kind][1]) is not None
+
+
+CACHED_KINDS = tuple(k for k in LOSS_NAMES if has_cached(k))
+
+#: MatryoshkaLoss sorts ``matryoshka_dims`` descending from 3.0.1 (PR #2719); 2.x and 3.0.0 keep the order.
+SORTS_DIMS = ST_VERSION >= Version("3.0.1")
+
+#: 5.7.0 - 6.1.x compute the GradCache surrogate as ``dot(reps.float(), grad.float())`` (PR #3862, for
+#: autocast), so float64 gradients of every cached loss carry float32 rounding (~1e-7 abs here);
+#: 6.2.0 promotes instead. The dedicated precision check holds those releases to the float64
+#: tolerance (registry: gradcache-fp32-surrogate); the other cached-gradient checks use
+#: :data:`CACHED_GRAD_TOL`, still 4-5 orders of magnitude below any real defect.
+FP32_SURROGATE = ST_VERSION in SpecifierSet(">=5.7.0,<6.2.0")
+CACHED_GRAD_TOL = {"rtol": 1e-5, "atol": 1e-6} if FP32_SURROGATE else {"rtol": 1e-7, "atol": 1e-9}
+
+#: Non-cached GISTEmbedLoss accepts 2 or 3 columns; CachedGISTEmbedLoss too before 3.2.0, any number after.
+NONCACHED_GIST_MAX_COLUMNS = 3
+CACHED_GIST_MAX_COLUMNS = 3 if ST_VERSION < Version("3.2.0") else 99
+
+
+def _accepts(cls, name: str) -> bool:
+    return cls is not None and name in inspect.signature(cls.__init__).parameters
+
+
+#: ``n_dims_per_step`` exists from 2.5.0.
+MATRYOSHKA_HAS_NDPS = _accepts(LOSSES.MatryoshkaLoss, "n_dims_per_step")
+GIST_HAS_MARGIN = _accepts(loss_class("CachedGISTEmbedLoss"), "margin")  # 4.1.0
+GIST_HAS_CONTRAST = _accepts(loss_class("CachedGISTEmbedLoss"), "contrast_anchors")  # 5.1.0
+
+
+def gist_semantics(**overrides: Any) -> dict[str, Any]:
+    """The oracle's GIST parameters that encode this release's masking rules.
+
+    - before 4.1.0: mask where guide sim > guide positive sim; the ap diagonal survives only because
+      it is equal, not greater (no explicit protection);
+    - 4.1.0: ``margin_strategy``/``margin``; the ap diagonal is explicitly protected;
+      "relative" masks where guide sim > g_pos * (1 - margin);
+    - 5.6.0: "relative" becomes guide sim > g_pos - |g_pos| * margin (correct for negative g_pos);
+    - 5.1.0: ``contrast_anchors`` / ``contrast_positives`` switch the aa / pp blocks.
+    """
+    sem = {
+        "protect_positive": GIST_HAS_MARGIN,
+        "relative_rule": "abs" if ST_VERSION >= Version("5.6.0") else "scaled",
+    }
+    sem.update(overrides)
+    return sem
+
+
+def similarity_fn(name: str):
+    util = importlib.import_module("sentence_transformers.util")
+    return {"cos": util.cos_sim, "dot": util.dot_score}[name]
+
+
+def make_inner_loss(spec: InnerSpec, model, guide=None, *, cached: bool, mini_batch_size: int = 32):
+    """Build the ST loss object matching ``spec`` (the object under test, never used by the oracle)."""
+    name = LOSS_NAMES[spec.kind][1 if cached else 0]
+    cls = loss_class(name)
+    if cls is None:
+        raise LookupError(f"{name} does not exist in sentence-transformers {ST_RELEASE}")
+    kwargs: dict[str, Any] = {}
+    if cached:
+        kwargs["mini_batch_size"] = mini_batch_size
+    if spec.kind == "gist":
+        kwargs["temperature"] = spec.temperature
+        if spec.margin_strategy != "absolute" or spec.margin != 0.0:
+            if not GIST_HAS_MARGIN:
+                raise LookupError(f"GIST margins do not exist in {ST_RELEASE}")
+            kwargs.update(margin_strategy=spec.margin_strategy, margin=spec.margin)
+        if not (spec.contrast_anchors and spec.contrast_positives):
+            if not GIST_HAS_CONTRAST:
+                raise LookupError(f"GIST contrast_* options do not exist in {ST_RELEASE}")
+            kwargs.update(contrast_anchors=spec.contrast_anchors, contrast_positives=spec.contrast_positives)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls(model, guide, **kwargs)
+    kwargs.update(scale=spec.scale, similarity_fct=similarity_fn(spec.similarity))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MNSRL is deprecated from 5.3
+        return cls(model, **kwargs)
+
+
+def matryoshka_loss(model, inner, dims, weights=None, n_dims_per_step: int = -1):
+    """``MatryoshkaLoss(model, inner, dims, weights, n_dims_per_step)``; ``n_dims_per_step`` only from 2.5.0."""
+    kwargs: dict[str, Any] = {"matryoshka_dims": list(dims), "matryoshka_weights": weights}
+    if MATRYOSHKA_HAS_NDPS:
+        kwargs["n_dims_per_step"] = n_dims_per_step
+    elif n_dims_per_step != -1:
+        raise LookupError(f"MatryoshkaLoss of {ST_RELEASE} has no n_dims_per_step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3.1-3.3 warn "not compatible"
+        return LOSSES.MatryoshkaLoss(model, inner, **kwargs)
+
+
+def per_column_forwards():
+    """Context in which non-cached losses embed one column per forward, like GradCache does.
+
+    From 6.0 non-cached losses merge the candidate columns into one forward pass
+    (``base.losses.merged_forward``); with dropout on, that draws different masks than GradCache's
+    per-column forwards, so the "same seed, same gradients" check disables merging (6.x API:
+    ``column_merging_disabled``). Earlier releases always embed per column.
+    """
+    try:
+        module = importlib.import_module("sentence_transformers.base.losses.merged_forward")
+    except ImportError:
+        return contextlib.nullcontext()
+    return module.column_merging_disabled()
+
+
+def tokenize(model, texts: list[str]) -> dict:
+    """Tokenised model input: ``preprocess`` where it exists (5.4+, ``tokenize`` deprecated in 6.x)."""
+    fn = getattr(model, "preprocess", None) or model.tokenize
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dict(fn(texts))
+
+
+def build_sentence_transformer(model_dir: str, width: int):
+    """``SentenceTransformer(modules=[Transformer(dir), Pooling(width, mean)])`` on any release."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformer = MODELS.Transformer(model_dir)
+        pooling = MODELS.Pooling(width, pooling_mode="mean")
+        return sentence_transformers.SentenceTransformer(modules=[transformer, pooling], device="cpu")
