@@ -35,10 +35,31 @@ def _release() -> str:
     return importlib.metadata.version("sentence-transformers")
 
 
-def detect_state() -> str:
-    """'patched' when the patch module file exists in the importable package, else 'native'.
+def _series_commits(pkg: Path) -> bool:
+    """Whether the checkout holding ``pkg`` has commits of a series (``St-Patch-Series:`` trailer)."""
+    import subprocess
 
-    ``CONFORMANCE_STATE=patched|native`` overrides the detection.
+    try:
+        out = subprocess.run(
+            ["git", "log", "-1", "--format=%H", "--grep=^St-Patch-Series: "],
+            cwd=pkg,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def detect_state() -> str:
+    """'patched' when one of this project's series is applied to the importable package, else 'native'.
+
+    Evidence, without importing: the state file ``st-patch`` writes into installed packages and source
+    trees (``sentence_transformers/.st-patch/state.json``), the backport's module
+    ``losses/_matryoshka_cache.py``, or series commits in a git checkout. The registry then applies
+    the entries of the release's state: a defect the release's series fixes is registered for
+    "native" only. ``CONFORMANCE_STATE=patched|native`` overrides the detection.
     """
     override = os.environ.get("CONFORMANCE_STATE", "").strip().lower()
     if override:
@@ -46,8 +67,11 @@ def detect_state() -> str:
             raise ValueError(f"CONFORMANCE_STATE must be 'patched' or 'native', got {override!r}")
         return override
     pkg = _package_dir()
-    found = pkg is not None and (pkg / "losses" / "_matryoshka_cache.py").is_file()
-    return "patched" if found else "native"
+    if pkg is None:
+        return "native"
+    if (pkg / ".st-patch" / "state.json").is_file() or (pkg / "losses" / "_matryoshka_cache.py").is_file():
+        return "patched"
+    return "patched" if (pkg.parent / ".git").exists() and _series_commits(pkg) else "native"
 
 
 def torch_version() -> str:

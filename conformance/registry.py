@@ -33,6 +33,7 @@ else:  # pragma: no cover - the suite targets 3.11, tomli is the documented fall
 REGISTRY_PATH = Path(__file__).with_name("expected_failures.toml")
 STATES = ("native", "patched")
 _FIELDS = {"id", "checks", "releases", "states", "reason", "upstream"}
+_OPTIONAL = {"fixed_by"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Defect:
     states: tuple[str, ...]
     reason: str
     upstream: str
+    fixed_by: str = ""  # the patch of this project's series that fixes it (then: states == ("native",))
 
     def applies(self, release: str, state: str) -> bool:
         return state in self.states and Version(release) in self.releases
@@ -61,13 +63,15 @@ def load(path: Path = REGISTRY_PATH) -> list[Defect]:
         data = tomllib.load(fh)
     defects = []
     for n, entry in enumerate(data.get("defect", [])):
-        unknown = set(entry) - _FIELDS
+        unknown = set(entry) - _FIELDS - _OPTIONAL
         missing = _FIELDS - set(entry)
         if unknown or missing:
             raise ValueError(f"{path}: defect #{n}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
         states = tuple(entry["states"])
         if not states or set(states) - set(STATES):
             raise ValueError(f"{path}: defect {entry['id']!r}: states must be a subset of {STATES}")
+        if entry.get("fixed_by") and states != ("native",):
+            raise ValueError(f"{path}: defect {entry['id']!r}: fixed by a patch, so it applies to 'native' only")
         checks = entry["checks"]
         if isinstance(checks, str):
             checks = [checks]
@@ -79,6 +83,7 @@ def load(path: Path = REGISTRY_PATH) -> list[Defect]:
                 states=states,
                 reason=" ".join(entry["reason"].split()),
                 upstream=entry["upstream"],
+                fixed_by=entry.get("fixed_by", ""),
             )
         )
     ids = [d.id for d in defects]

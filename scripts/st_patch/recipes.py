@@ -139,6 +139,38 @@ def edit_symmetric(text: str) -> str:
     )
 
 
+def edit_matryoshka_sort_dims(text: str) -> str:
+    """MatryoshkaLoss: sort the dims (and their weights) descending, as upstream does from 3.0.1 (#2719)."""
+    return _sub_once(
+        r"^        self\.matryoshka_dims = matryoshka_dims\n"
+        r"        if matryoshka_weights is None:\n"
+        r"            matryoshka_weights = \[1\] \* len\(matryoshka_dims\)\n"
+        r"        self\.matryoshka_weights = matryoshka_weights\n",
+        "        if matryoshka_weights is None:\n"
+        "            matryoshka_weights = [1] * len(matryoshka_dims)\n"
+        "        # Sort the dimensions and weights in descending order: the forward decorator caches the output of\n"
+        "        # the first dimension and truncates it for the others, so the first must be the largest.\n"
+        "        dims_weights = zip(matryoshka_dims, matryoshka_weights)\n"
+        "        self.matryoshka_dims, self.matryoshka_weights = zip(*sorted(dims_weights, key=lambda x: x[0], reverse=True))\n",
+        text,
+        MATRYOSHKA,
+    )
+
+
+def edit_matryoshka_sorted_sample(text: str) -> str:
+    """MatryoshkaLoss.forward: keep the sampled dims in descending order, as upstream does from 4.0.0 (#3203)."""
+    head, sep, body = text.partition("\nclass MatryoshkaLoss(")
+    if not sep:
+        raise RecipeError(f"{MATRYOSHKA}: no class MatryoshkaLoss")
+    body = _sub_once(
+        r"^( +)dim_indices = random\.sample\(dim_indices, self\.n_dims_per_step\)\n",
+        lambda m: m.group(0) + f"{m.group(1)}dim_indices.sort()\n",
+        body,
+        MATRYOSHKA,
+    )
+    return head + sep + body
+
+
 @dataclass(frozen=True)
 class Concern:
     """One patch of a series: one reviewable change.
@@ -154,11 +186,3 @@ class Concern:
 
     def applies(self, tree: Path, version: str) -> bool:
         return Version(version) in SpecifierSet(self.releases) and all((tree / p).exists() for p in self.edits)
-
-
-#: The backport series (releases the table marks "patched"), in patch order.
-BACKPORT = (
-    Concern("matryoshka-truncate-after-cache", {MATRYOSHKA: edit_matryoshka}, (f"{LOSSES}/_matryoshka_cache.py",)),
-    Concern("cmnsrl-symmetric-across-mini-batches", {SYMMETRIC: edit_symmetric}, ()),
-    Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
-)

@@ -116,16 +116,16 @@ def edit_hook_binds_cache(text: str) -> str:
         raise RecipeError(f"{what}: expected exactly one module-level _backward_hook")
     hook = match.group(0)
     hook = _sub_once(
-        r"\Adef _backward_hook\(\n\s*grad_output: Tensor,\s+sentence_features: Iterable\[dict\[str, Tensor\]\],"
-        r"\s+loss_obj: (\w+),?\n\) -> None:\n"
+        r"\Adef _backward_hook\(\n\s*grad_output: Tensor,\s+sentence_features: Iterable\[(dict|Dict)\[str, Tensor\]\],"
+        r"\s+loss_obj: (\w+),?\n\)(?: -> None)?:\n"
         r'    """A backward hook to backpropagate the cached gradients mini-batch by mini-batch\."""\n'
         r"    assert loss_obj\.cache is not None\n"
         r"    assert loss_obj\.random_states is not None\n",
         lambda m: (
             "def _backward_hook(\n"
             "    grad_output: Tensor,\n"
-            "    sentence_features: Iterable[dict[str, Tensor]],\n"
-            f"    loss_obj: {m.group(1)},\n"
+            f"    sentence_features: Iterable[{m.group(1)}[str, Tensor]],\n"
+            f"    loss_obj: {m.group(2)},\n"
             "    cache: list[list[Tensor]],\n"
             "    random_states: list[list[RandContext]],\n"
             ") -> None:\n" + HOOK_DOC

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import dists, recipes, recipes_native, releases
+from . import concerns, dists, recipes, releases
 
 ROOT = releases.ROOT
 PATCHES = ROOT / "patches"
@@ -70,7 +70,7 @@ def pristine_files(tree: Path, concerns: list[recipes.Concern]) -> dict[str, str
 
 def concerns_for(release: releases.Release, tree: Path) -> list[recipes.Concern]:
     """The concerns of the release's series, in patch order: backports, or fixes of native support."""
-    candidates = recipes.BACKPORT if release.support == "patched" else recipes_native.NATIVE_FIXES
+    candidates = concerns.BACKPORT if release.support == "patched" else concerns.NATIVE_FIXES
     return [c for c in candidates if c.applies(tree, release.version)]
 
 

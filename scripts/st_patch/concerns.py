@@ -1,0 +1,50 @@
+"""Which concerns (patches) make up the series of each kind of release, in patch order.
+
+A backport series (releases the table marks "patched") makes MatryoshkaLoss work around cached losses
+and fixes the upstream defects of those releases that this project fixes on native releases too; a
+fix series (releases marked "native") fixes upstream's native support. Recipes live in recipes.py
+(backport) and recipes_native.py (native support); a recipe shared by both is defined once.
+"""
+
+from __future__ import annotations
+
+from . import recipes_native as native
+from .recipes import (
+    LOSSES,
+    MATRYOSHKA,
+    SYMMETRIC,
+    Concern,
+    edit_matryoshka,
+    edit_matryoshka_sort_dims,
+    edit_matryoshka_sorted_sample,
+    edit_symmetric,
+)
+
+BACKPORT: tuple[Concern, ...] = (
+    Concern("matryoshka-truncate-after-cache", {MATRYOSHKA: edit_matryoshka}, (f"{LOSSES}/_matryoshka_cache.py",)),
+    Concern("cmnsrl-symmetric-across-mini-batches", {SYMMETRIC: edit_symmetric}),
+    Concern("matryoshka-sort-dims", {MATRYOSHKA: edit_matryoshka_sort_dims}, releases="<3.0.1"),
+    Concern("matryoshka-sorted-sample", {MATRYOSHKA: edit_matryoshka_sorted_sample}, releases=">=2.5.0,<4.0.0"),
+    Concern("native-gist-guide-on-feature-copies", {native.GIST_OLD: native.edit_gist_guide_copy}),
+    Concern("native-gradcache-hook-binds-cache", {native.CMNRL_OLD: native.edit_hook_binds_cache}, releases="<2.7.0"),
+    Concern(
+        "native-gradcache-hook-binds-cache",
+        {native.CMNRL_OLD: native.edit_hook_binds_cache, native.CGIST_OLD: native.edit_hook_binds_cache},
+        releases=">=2.7.0,<3.1.0",
+    ),
+    Concern(
+        "native-gradcache-hook-binds-cache",
+        {
+            native.CMNRL_OLD: native.edit_hook_binds_cache,
+            native.CGIST_OLD: native.edit_hook_binds_cache,
+            native.CMNSRL_OLD: native.edit_hook_binds_cache,
+        },
+        releases=">=3.1.0",
+    ),
+    Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
+)
+
+NATIVE_FIXES: tuple[Concern, ...] = (
+    Concern("matryoshka-sorted-sample", {native.MATRYOSHKA_OLD: edit_matryoshka_sorted_sample}, releases="<4.0.0"),
+    *native.NATIVE_FIXES,
+)
