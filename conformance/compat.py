@@ -44,7 +44,9 @@ def _state() -> str:
             found = importlib.util.find_spec(PATCH_MODULE) is not None
     except (ImportError, ValueError):
         found = False
-    state = "patched" if found else "native"
+    # The backport module implies a series; a fix series of a native release adds no module, so only
+    # this direction can be cross-checked.
+    state = "patched" if found else env.STATE
     if state != env.STATE or ST_RELEASE != env.RELEASE:
         raise RuntimeError(
             f"conformance.env saw {env.RELEASE}/{env.STATE} but the imported package is {ST_RELEASE}/{state}"
@@ -99,8 +101,9 @@ def has_cached(kind: str) -> bool:
 
 CACHED_KINDS = tuple(k for k in LOSS_NAMES if has_cached(k))
 
-#: MatryoshkaLoss sorts ``matryoshka_dims`` descending from 3.0.1 (PR #2719); 2.x and 3.0.0 keep the order.
-SORTS_DIMS = ST_VERSION >= Version("3.0.1")
+#: MatryoshkaLoss sorts ``matryoshka_dims`` descending from 3.0.1 (PR #2719); 2.x and 3.0.0 keep the order,
+#: unless this project's backport series is applied (it carries that sort).
+SORTS_DIMS = ST_VERSION >= Version("3.0.1") or env.STATE == "patched"
 
 #: 5.7.0 - 6.1.x compute the GradCache surrogate as ``dot(reps.float(), grad.float())`` (PR #3862, for
 #: autocast), so float64 gradients of every cached loss carry float32 rounding (~1e-7 abs here);

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from filelock import FileLock
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from st_patch import dists, releases  # noqa: E402
+from st_patch import dists, releases, toxenv  # noqa: E402
 
 CLI = ROOT / "scripts" / "st-patch"
 MANIFEST = json.loads((ROOT / "patches" / "manifest.json").read_text())
@@ -61,13 +60,5 @@ def release_python(version: str) -> Path:
 
 
 def tox_environ() -> dict[str, str]:
-    """The environment `make` gives tox: uv must see pip's find-links (the local CPU torch)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if not env.get("UV_FIND_LINKS"):
-        found = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "get", "global.find-links"], text=True, capture_output=True
-        ).stdout.strip()
-        if found:
-            env["UV_FIND_LINKS"] = found
-    env.setdefault("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
-    return env
+    """The environment `make` gives tox (see scripts/st_patch/toxenv.py)."""
+    return toxenv.tox_environ()

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import releases, toxgen
+from . import releases, toxenv, toxgen
 
 ROOT = releases.ROOT
 RESULTS = ROOT / "results"
@@ -192,7 +192,7 @@ def tox_command(job: Job, recreate: bool) -> list[str]:
 
 def run_job(job: Job, *, recreate: bool, workers: int, root: Path = ROOT) -> Outcome:
     job.log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ}
+    env = toxenv.tox_environ()
     env.setdefault("CONFORMANCE_WORKERS", str(workers))
     start = time.time()
     existed = _env_dir(job, root).exists()
@@ -316,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"make matrix: {exc}", file=sys.stderr)
         return 2
-    if not os.environ.get("UV_FIND_LINKS"):
-        print("make matrix: warning: UV_FIND_LINKS is not set; uv may resolve a CUDA build of torch", file=sys.stderr)
+    if not toxenv.tox_environ().get("UV_FIND_LINKS"):
+        print("make matrix: warning: no find-links for uv; it may resolve a CUDA build of torch", file=sys.stderr)
     if args.dry_run:
         for job in jobs:
             fresh = not args.force and is_fresh(job)
