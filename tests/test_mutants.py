@@ -1,0 +1,97 @@
+"""The conformance suite tests itself: deliberately broken variants of the patched code must be caught.
+
+Each mutant is one plausible bug in the truncate-after-cache module of the backport series. The suite
+runs on ST 3.3.1 with the series applied to an unpacked wheel (first on PYTHONPATH), once with the
+module as shipped - everything passes - and once per mutant, which must fail the checks named here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from support import ROOT, dists, release_python, st_patch, tox_environ
+
+VERSION = "3.3.1"
+MODULE = "sentence_transformers/losses/_matryoshka_cache.py"
+
+# name -> (text in the module, its broken replacement, a check function that must fail)
+MUTANTS = {
+    "weight-dropped-from-gradient": (
+        "g.add_(_full_width_grad(r, dim, t.grad), alpha=weight)",
+        "g.add_(_full_width_grad(r, dim, t.grad))",
+        "test_cached_vs_reference",
+    ),
+    "no-renormalisation": (
+        "return F.normalize(embeddings[..., :dim], p=2, dim=-1)",
+        "return embeddings[..., :dim]",
+        "test_cached_vs_reference",
+    ),
+    "n-dims-per-step-ignored": (
+        'n_dims_per_step = getattr(matryoshka_loss, "n_dims_per_step", -1)',
+        "n_dims_per_step = -1",
+        "test_cached_vs_reference",
+    ),
+    "inner-loss-not-restored": (
+        "vars(obj).pop(name, None)",
+        "pass",
+        "test_inner_alone_afterwards",
+    ),
+    "loss-stage-over-the-whole-batch": (  # upstream #3107: one graph over every mini-batch
+        "            loss = inner_method(truncated, *args, **kwargs)",
+        "            chunk, inner_loss.mini_batch_size = inner_loss.mini_batch_size, 10**9\n"
+        "            loss = inner_method(truncated, *args, **kwargs)\n"
+        "            inner_loss.mini_batch_size = chunk",
+        "test_loss_stage_stays_chunked",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def patched_wheel(tmp_path_factory):
+    tree = dists.wheel_tree(VERSION, tmp_path_factory.mktemp("wheel"))
+    result = st_patch("apply", "--target", str(tree))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tree
+
+
+def _conformance(tree, out) -> dict[str, list[str]]:
+    """Run the suite on ``tree``; {check function: statuses of its cases}."""
+    subprocess.run(
+        [str(release_python(VERSION)), "-m", "pytest", "conformance", "-q", "-n", "2", "-p", "no:cacheprovider"]
+        + ["--conformance-json", str(out)],
+        cwd=ROOT,
+        env={**tox_environ(), "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+    )
+    statuses: dict[str, list[str]] = {}
+    for check in json.loads(out.read_text())["checks"]:
+        name = check["id"].split("::")[-1].split("[")[0]
+        statuses.setdefault(name, []).append(check["status"])
+    return statuses
+
+
+def _failing(statuses: dict[str, list[str]]) -> set[str]:
+    return {name for name, cases in statuses.items() if {"failed", "error", "xpassed"} & set(cases)}
+
+
+@pytest.mark.slow
+def test_the_series_as_shipped_passes(patched_wheel, tmp_path):
+    assert _failing(_conformance(patched_wheel, tmp_path / "out.json")) == set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+def test_the_suite_catches_the_mutant(mutant, patched_wheel, tmp_path):
+    original, broken, must_fail = MUTANTS[mutant]
+    module = patched_wheel / MODULE
+    text = module.read_bytes()
+    assert text.count(original.encode()) == 1, f"mutant {mutant}: the module no longer has {original!r}"
+    try:
+        module.write_bytes(text.replace(original.encode(), broken.replace("\n", "\r\n").encode()))
+        failing = _failing(_conformance(patched_wheel, tmp_path / "out.json"))
+    finally:
+        module.write_bytes(text)
+    assert must_fail in failing, f"mutant {mutant} was not caught by {must_fail}; failing: {sorted(failing)}"
