@@ -1,6 +1,6 @@
 """Generate ``tox.ini`` and ``.github/workflows/matrix.yml`` from the releases table (``make tox.ini``).
 
-Two lanes of environments per release, both on torch 2.13.0:
+Three lanes of environments per release, all on torch 2.13.0:
 
 - ``st-<version>`` ("newest"): the release's exact pin set from ``releases.toml`` ``[pins]``.
 - ``st-<version>-oldest``: the dependencies current on the release's ``date``. uv resolves as of
@@ -9,6 +9,8 @@ Two lanes of environments per release, both on torch 2.13.0:
   its metadata requires newer than old dates (and sentence-transformers itself, pinned exactly and
   uploaded during its release day). The pin set's package names (datasets, accelerate, ...) are
   installed unversioned, so they too resolve as of the date.
+- ``st-<version>-upstream``: the newest lane's dependencies, the release as upstream shipped it (no
+  series applied): the conformance suite's "native" registry entries name its defects.
 
 Each environment applies the release's series (if any) to its own installed sentence-transformers
 with ``scripts/st-patch`` and runs the conformance suite with JUnit and JSON output under
@@ -33,12 +35,13 @@ ROOT = releases.ROOT
 TOX_INI = ROOT / "tox.ini"
 WORKFLOW = ROOT / ".github" / "workflows" / "matrix.yml"
 UV_OLDEST = "config/uv-oldest.toml"
-LANES = ("newest", "oldest")
+LANES = ("newest", "oldest", "upstream")
 
 HEADER = """\
 # GENERATED from releases.toml by `make tox.ini` - do not edit by hand.
-# Lanes: st-<version> (the release's pin set from releases.toml) and st-<version>-oldest (the
-# dependencies current on the release's date; `tox -a` lists them, `make matrix LANE=oldest` runs them).
+# Lanes: st-<version> (the release's pin set from releases.toml), st-<version>-upstream (the same pins,
+# no series applied) and st-<version>-oldest (the dependencies current on the release's date);
+# `tox -a` lists them all, `make matrix LANE=upstream|oldest` runs them.
 [tox]
 requires = tox>=4.20, tox-uv>=1.11
 env_list = {env_list}
@@ -74,14 +77,21 @@ set_env =
     UV_CONFIG_FILE = {{tox_root}}/{config}
 """
 
+# The release as upstream shipped it: no series applied, so the registry's "native" entries apply.
+UPSTREAM_ENV = """\
+commands =
+    python -m pytest conformance -n {env:CONFORMANCE_WORKERS:2} -q -p no:cacheprovider \\
+        --junitxml results/{env_name}.xml --conformance-json results/{env_name}.json {posargs}
+"""
+
 COMMON = ("torch==2.13.0", "pytest", "pytest-xdist", "packaging")
 
 
 def env_name(version: str, lane: str = "newest") -> str:
-    """``st-<version>`` (newest lane) or ``st-<version>-oldest``."""
+    """``st-<version>`` (newest lane), ``st-<version>-oldest`` or ``st-<version>-upstream``."""
     if lane not in LANES:
         raise ValueError(f"lane must be one of {LANES}, not {lane!r}")
-    return f"st-{version}" if lane == "newest" else f"st-{version}-oldest"
+    return f"st-{version}" if lane == "newest" else f"st-{version}-{lane}"
 
 
 def _name_only(requirement: str) -> str:
@@ -89,7 +99,7 @@ def _name_only(requirement: str) -> str:
 
 
 def deps_for(release: releases.Release, lane: str) -> list[str]:
-    if lane == "newest":
+    if lane in ("newest", "upstream"):
         pins = list(release.pins)
     else:  # the same packages, resolved as of the release's date
         pins = [_name_only(p) for p in release.pins]
@@ -105,6 +115,8 @@ def render(table: list[releases.Release] | None = None) -> str:
             text += ENV.format(name=env_name(release.version, lane), deps="\n".join(f"    {d}" for d in deps))
             if lane == "oldest":
                 text += OLDEST_ENV.format(date=release.date.isoformat(), config=UV_OLDEST)
+            if lane == "upstream":
+                text += UPSTREAM_ENV
     return text
 
 
