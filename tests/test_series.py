@@ -126,17 +126,31 @@ UPSTREAM = os.environ.get("ST_UPSTREAM_REPO")
 
 @pytest.mark.slow
 @pytest.mark.skipif(not UPSTREAM, reason="set ST_UPSTREAM_REPO to a clone of upstream with its release tags")
-@pytest.mark.parametrize("version", PATCHED)
+@pytest.mark.parametrize("version", [v for v, e in MANIFEST["releases"].items() if e["series"]])
 def test_series_apply_to_the_upstream_tag(version, tmp_path):
     """On the real upstream tag (LF git checkout), the series applies as commits giving the manifest's hashes."""
     repo = tmp_path / "st"
     subprocess.run(["git", "clone", "-q", "-n", UPSTREAM, str(repo)], check=True)
-    git(repo, "checkout", "-q", f"v{version}")
+    checkout = subprocess.run(["git", "checkout", "-q", f"v{version}"], cwd=repo, capture_output=True, text=True)
+    if checkout.returncode != 0:  # e.g. a snapshot without the tag, or without some of its blobs
+        pytest.skip(f"cannot check out v{version} in {UPSTREAM}: {checkout.stderr.strip()[:200]}")
+    if subprocess.run(["git", "write-tree"], cwd=repo, capture_output=True).returncode != 0:
+        pytest.skip(f"v{version} in {UPSTREAM} lacks some blobs: git can check it out but not commit on it")
+    name = MANIFEST["releases"][version]["series"]
+    files = MANIFEST["series"][name]["files"]
+
+    def digest(path):
+        return hashlib.sha256((repo / path).read_bytes()).hexdigest() if (repo / path).exists() else None
+
+    # A tag can differ from the released sdist the series were made from (3.4.0's tag has another
+    # MatryoshkaLoss docstring): then git am -3 merges, and only the exact hashes cannot be expected.
+    same_as_release = all(digest(p) == (s["pristine"] or {}).get("sha256_lf") for p, s in files.items())
     result = st_patch("apply", "--target", str(repo))
     assert result.returncode == 0, result.stdout + result.stderr
-    name = MANIFEST["releases"][version]["series"]
-    for path, states in MANIFEST["series"][name]["files"].items():
-        assert hashlib.sha256((repo / path).read_bytes()).hexdigest() == states["patched"]["sha256_lf"], path
+    assert len(git(repo, "log", "--format=%H", f"v{version}..HEAD").split()) == len(MANIFEST["series"][name]["patches"])
+    if same_as_release:
+        for path, states in files.items():
+            assert digest(path) == states["patched"]["sha256_lf"], path
     assert st_patch("revert", "--target", str(repo)).returncode == 0
     assert git(repo, "diff", f"v{version}", "HEAD") == ""
 
