@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -402,7 +401,6 @@ def test_sources_are_python_3_8_syntax():
 # ------------------------------------------------------------------ real releases, real manifest
 
 REAL_MANIFEST = ROOT / "patches" / "manifest.json"
-DOWNLOADED = Path("/tmp/dl")  # pre-downloaded sdists/wheels, if this machine has them
 
 
 def _patched_releases():
@@ -414,48 +412,9 @@ def _patched_releases():
 
 def _unpacked(version: str, kind: str, dest: Path) -> Path:
     """A fresh unpacked sdist (its source tree) or wheel (laid out as site-packages) of a release."""
-    try:
-        from st_patch import dists
-    except ImportError:  # pragma: no cover - dists.py is another module's; fall back to pip + unpack
-        dists = None
-    if dists is not None:
-        if DOWNLOADED.is_dir():
-            dists.seed_from(DOWNLOADED)
-        return dists.sdist_tree(version, dest) if kind == "sdist" else dists.wheel_tree(version, dest)
-    import tarfile
-    import zipfile
+    from st_patch import dists
 
-    cache = Path(os.environ.get("ST_PATCH_CACHE", Path.home() / ".cache" / "st-matryoshka-cache")) / "dist" / kind
-    cache.mkdir(parents=True, exist_ok=True)
-    pattern = "sentence[-_]transformers-{}{}".format(version, ".tar.gz" if kind == "sdist" else "-py3-none-any.whl")
-    found = [p for p in cache.iterdir() if re.fullmatch(pattern, p.name)]
-    if not found:
-        binary = ["--no-binary", ":all:"] if kind == "sdist" else ["--only-binary", ":all:"]
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                *binary,
-                f"sentence-transformers=={version}",
-                "-d",
-                str(cache),
-            ],
-            check=True,
-        )
-        found = [p for p in cache.iterdir() if re.fullmatch(pattern, p.name)]
-    dest.mkdir(parents=True)
-    if kind == "wheel":
-        with zipfile.ZipFile(str(found[0])) as wheel:
-            wheel.extractall(str(dest))
-        return dest
-    with tarfile.open(str(found[0])) as tar:
-        tar.extractall(str(dest))
-    (root,) = [p for p in dest.iterdir() if p.is_dir()]
-    return root
+    return dists.sdist_tree(version, dest) if kind == "sdist" else dists.wheel_tree(version, dest)
 
 
 @pytest.mark.slow
