@@ -75,13 +75,12 @@ def _reference(model, guide, features, kind: str, dims_weights) -> torch.Tensor:
                 return F.cosine_similarity(x.unsqueeze(1), y.unsqueeze(0), dim=-1)
 
             threshold = sim(guides[0], guides[1]).diagonal().view(-1, 1)
+            # Score blocks: anchor-positive, anchor-anchor, positive-positive, then anchor-negative per column.
+            pairs = [(0, 1), (0, 0), (1, 1)] + [(0, c) for c in range(2, len(reps))]
             blocks = []
-            for (a, b), (ga, gb) in zip(
-                [(reps[0], reps[1]), (reps[0], reps[0]), (reps[1], reps[1])] + [(reps[0], r) for r in reps[2:]],
-                [(guides[0], guides[1]), (guides[0], guides[0]), (guides[1], guides[1])] + [(guides[0], g) for g in guides[2:]],
-            ):
-                block = sim(a, b)
-                block = block.masked_fill(sim(ga, gb) > threshold, -torch.inf)
+            for i, j in pairs:
+                block = sim(reps[i], reps[j])
+                block = block.masked_fill(sim(guides[i], guides[j]) > threshold, -torch.inf)
                 blocks.append(block)
             loss = F.cross_entropy(torch.cat(blocks, dim=1) / 0.01, labels)
         total = total + weight * loss
