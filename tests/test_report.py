@@ -83,16 +83,74 @@ def test_markdown_has_summary_grid_failures_and_expected_failures(tmp_path):
     ]
     md = report.render_markdown(runs, warnings)
     assert "**2/3 runs passed** — failing: st-5.3.0" in md
-    row_331 = next(ln for ln in md.splitlines() if ln.startswith("| st-3.3.1 | 3.3.1"))
+    assert "- **newest (series applied)**: 2/3 pass; failing: 5.3.0" in md
+    row_331 = next(ln for ln in md.splitlines() if ln.startswith("| 3.3.1 |"))
     assert "backport-3.3.0-3.3.1 (installed, patched)" in row_331 and "3.00e-11" in row_331 and "61s" in row_331
-    row_530 = next(ln for ln in md.splitlines() if ln.startswith("| st-5.3.0 | 5.3.0"))
-    assert "none (native)" in row_530 and "7.30e-01" in row_530 and "❌ fail" in row_530
-    grid_530 = [ln for ln in md.splitlines() if ln.startswith("| st-5.3.0 | ") and "❌ 1/2" in ln]
+    assert "| ✅ 3 |" in row_331
+    row_530 = next(ln for ln in md.splitlines() if ln.startswith("| 5.3.0 |"))
+    # the failing check's 0.73 is a failure, not the run's float64 agreement: the table shows the passing 1e-9
+    assert "none (native)" in row_530 and "❌ 1 failed" in row_530 and "1.00e-09" in row_530
+    grid_530 = [ln for ln in md.splitlines() if ln.startswith("| newest 5.3.0 | ") and "❌ 1/2" in ln]
     assert grid_530 and "⚠️ xfail 1/1" in grid_530[0]
     failure = next(ln for ln in md.splitlines() if ln.startswith("- **st-5.3.0**"))
     assert failure.endswith("failed: AssertionError: Tensor-likes are not close! Mismatched 3/4")  # one line
-    assert f"[huggingface/sentence-transformers#3100]({URL})" in md and "gist-guide-mutation" in md
-    assert "| st-10.0.0 | 10.0.0 | native | ? |" in md  # no sidecar: series unknown
+    assert f"- `gist-guide-mutation` [#3100]({URL}) — newest: 5.3.0" in md
+    assert "| 10.0.0 | ? |" in md  # no sidecar: series unknown
+
+
+def _lane_results(tmp_path):
+    d = tmp_path / "lanes"
+    d.mkdir()
+    eq = "conformance/test_equivalence.py::test_cached_vs_reference"
+    f32 = "conformance/test_precision.py::test_float32_matches_reference[cached]"
+    two = (
+        "xfail: [ndps-ignored] n_dims_per_step is ignored (commit 97d995e3, fixed in 5.4.0); "
+        "[guide-copies] the guide overwrites the cache (fixed in 5.7.0 by PR #3862 (dict(features)))"
+    )
+    for v in ("3.4.0", "3.4.1", "4.0.0", "5.4.0"):
+        _write(
+            d,
+            f"st-{v}",
+            v,
+            "patched",
+            [_check(f"{eq}[a]", "passed", 2e-13), _check(f32, "passed", 9e-6)],
+            run={"lane": "newest", "seconds": 20},
+        )
+        upstream = [_check(f"{eq}[a]", "xfailed" if v != "5.4.0" else "passed", 3.0, two)]
+        _write(d, f"st-{v}-upstream", v, "native", upstream, run={"lane": "upstream", "seconds": 30})
+    _write(d, "st-3.4.0-oldest", "3.4.0", "patched", [_check(f"{eq}[a]", "failed", 0.5, "boom")], exitstatus=1)
+    return d
+
+
+def test_markdown_reads_by_lane_and_folds_releases(tmp_path):
+    runs, _warnings = report.load(_lane_results(tmp_path))
+    assert {r.name: r.lane for r in runs}["st-3.4.0-oldest"] == "oldest"  # from the name, no sidecar
+    md = report.render_markdown(runs)
+    assert "- **newest (series applied)**: 4/4 pass\n" in md
+    assert "- **oldest (deps of the release date)**: 0/1 pass; failing: 3.4.0" in md
+    assert "- **upstream (as shipped)**: 4/4 pass" in md
+    assert "- **float32 checks**: own tolerance, not in the table: largest |diff| 9.00e-06" in md
+    header = next(ln for ln in md.splitlines() if ln.startswith("| release |"))
+    assert "| newest | oldest | upstream |" in header
+    row = next(ln for ln in md.splitlines() if ln.startswith("| 3.4.1 |"))
+    assert "| ✅ 2 | — | ✅ 0 ⚠️1 |" in row and "2.00e-13" in row and "9.00e-06" not in row
+    # one message naming two defects gives two entries, each with the links of its own segment
+    ndps = next(ln for ln in md.splitlines() if ln.startswith("- `ndps-ignored`"))
+    assert ndps.endswith(
+        "[97d995e3](https://github.com/huggingface/sentence-transformers/commit/97d995e3) — upstream: 3.4.0–4.0.0"
+    )
+    guide = next(ln for ln in md.splitlines() if ln.startswith("- `guide-copies`"))
+    assert (
+        "[#3862](https://github.com/huggingface/sentence-transformers/issues/3862)" in guide and "97d995e3" not in guide
+    )
+    assert "| upstream 3.4.0–4.0.0 | ⚠️ xfail 1/1 |" in md and "| upstream 5.4.0 | ✅ |" in md
+    assert "| newest 3.4.0–5.4.0 |" in md
+
+
+def test_ranges_fold_only_consecutive_releases():
+    order = ["2.4.0", "2.5.0", "2.5.1", "3.0.0", "3.0.1"]
+    assert report.ranges(["3.0.1", "2.4.0", "2.5.0", "2.5.1"], order) == "2.4.0–2.5.1, 3.0.1"
+    assert report.ranges(["2.5.0"], order) == "2.5.0"
 
 
 def test_html_is_self_contained_and_well_formed(tmp_path):
@@ -153,3 +211,7 @@ def test_markdown_is_cut_at_the_limit(tmp_path, monkeypatch):
 def test_group_of_and_links():
     assert report.group_of("conformance/test_a.py::test_b[x-y::z]") == "test_a::test_b"
     assert report.upstream_links(f"see ({URL}). and {URL}") == [URL]
+    assert report.defect_links(f"PR #3068 and {URL}#issuecomment-1") == [
+        f"{URL}#issuecomment-1",
+        "https://github.com/huggingface/sentence-transformers/issues/3068",
+    ]

@@ -8,10 +8,23 @@ Reads JSON only, and knows nothing about how the results were produced:
 - ``<name>.run.json`` (optional, same ``<name>``): ``{"seconds", "lane", "returncode", "st_patch":
   {"series", "kind", "state", ...}}`` - which series was applied, to what kind of target, wall time.
 
-The Markdown fits a PR comment / job summary: one line per run, a run × check grid (checks grouped
-by test function; a cell aggregates its parametrisations), then one line per failing check and per
-expected failure (with its upstream link). The HTML is self-contained (inline CSS, no scripts) and
-has the same content, with each failing check's message in the cell's tooltip.
+The Markdown fits a PR comment / job summary and reads top-down in a minute:
+
+1. one line per lane (``newest`` = series applied, ``oldest``, ``upstream`` = as shipped): how many
+   runs pass, and which fail;
+2. one row per release: the series and how it was applied, one cell per lane, the largest float64
+   difference from the reference over the passing checks, and timings;
+3. one line per failing check;
+4. the expected failures grouped by upstream defect, with the link and the releases per lane
+   (consecutive releases folded into ranges);
+5. the run × check grid (checks grouped by test function; a cell aggregates its parametrisations)
+   in a collapsed block, consecutive runs of a lane with identical rows folded into one.
+
+The lane of a run is the ``lane`` of its ``.run.json``, else the suffix of its name (``st-3.3.1-oldest``).
+"Float64 difference" excludes the float32 checks (``float32`` in the check id): they have their own
+documented tolerance and would hide the float64 figure under float32 rounding.
+The HTML is self-contained (inline CSS, no scripts), has the same summary and the unfolded tables,
+with each failing check's message in the cell's tooltip.
 """
 
 from __future__ import annotations
@@ -55,13 +68,34 @@ class Run:
             out[c.get("status") or "unknown"] = out.get(c.get("status") or "unknown", 0) + 1
         return out
 
-    def max_diff(self) -> tuple[float | None, float | None, str | None]:
-        """(largest max_abs_diff, its max_rel_diff, the check) over every check that compared numbers."""
+    @property
+    def lane(self) -> str:
+        lane = self.meta.get("lane")
+        if isinstance(lane, str) and lane:
+            return lane
+        suffix = self.name.rsplit("-", 1)[-1]
+        return suffix if suffix in ("oldest", "upstream") else "newest"
+
+    def max_diff(self, passing_float64: bool = False) -> tuple[float | None, float | None, str | None]:
+        """(largest max_abs_diff, its max_rel_diff, the check) over every check that compared numbers;
+        with ``passing_float64``, over the passed checks that are not float32 checks."""
         best: tuple[float | None, float | None, str | None] = (None, None, None)
         for c in self.checks:
+            if passing_float64 and (c.get("status") != "passed" or "float32" in c["id"]):
+                continue
             value = c.get("max_abs_diff")
             if isinstance(value, (int, float)) and (best[0] is None or value > best[0]):
                 best = (float(value), c.get("max_rel_diff"), c.get("id"))
+        return best
+
+    def max_diff_float32(self) -> tuple[float | None, float | None, str | None]:
+        """The largest difference over the passed float32 checks."""
+        best: tuple[float | None, float | None, str | None] = (None, None, None)
+        for c in self.checks:
+            value = c.get("max_abs_diff")
+            if c.get("status") == "passed" and "float32" in c["id"] and isinstance(value, (int, float)):
+                if best[0] is None or value > best[0]:
+                    best = (float(value), c.get("max_rel_diff"), c.get("id"))
         return best
 
     @property
@@ -184,17 +218,38 @@ def groups(runs: list[Run]) -> list[str]:
     return sorted(seen)
 
 
+UPSTREAM = "https://github.com/huggingface/sentence-transformers"
+SEGMENT = re.compile(r"\[([A-Za-z0-9_.:-]+)\]\s*(.*?)(?=;\s*\[[A-Za-z0-9_.:-]+\]|$)", re.S)
+REF = re.compile(r"(?<![\w/])#(\d{2,6})\b")
+COMMIT = re.compile(r"\bcommit ([0-9a-f]{7,40})\b")
+
+
+def defect_links(text: str) -> list[str]:
+    """Explicit URLs, then ``#1234`` references as links to the upstream repository (GitHub forwards
+    ``/issues/N`` to the pull request when N is one)."""
+    links = upstream_links(text)
+    bare = URL.sub("", text or "")
+    links += [f"{UPSTREAM}/issues/{n}" for n in REF.findall(bare)]
+    links += [f"{UPSTREAM}/commit/{h}" for h in COMMIT.findall(bare)]
+    return list(dict.fromkeys(links))
+
+
 def expected_failures(run: Run) -> list[tuple[str, str, list[str]]]:
-    """(defect ids or reason, first check, links) per distinct xfail reason of the run."""
+    """(defect id or reason, first check, links) per distinct expected failure of the run.
+
+    A registry xfail message reads ``xfail: [id] reason (reference); [id2] reason (reference)``:
+    each ``[id]`` is its own defect, with the links of its own segment."""
     found: dict[str, tuple[str, str, list[str]]] = {}
     for c in run.checks:
         if c.get("status") != "xfailed":
             continue
-        message = c.get("message") or ""
-        ids = DEFECT.findall(message)
-        key = ", ".join(ids) if ids else one_line(message.removeprefix("xfail:").strip(), 120)
-        if key not in found:
-            found[key] = (key, c["id"], upstream_links(message))
+        message = (c.get("message") or "").removeprefix("xfail:").strip()
+        segments = [(m.group(1), m.group(2)) for m in SEGMENT.finditer(message)]
+        if not segments:
+            segments = [(one_line(message, 120), message)]
+        for key, text in segments:
+            if key not in found:
+                found[key] = (key, c["id"], defect_links(text))
     return list(found.values())
 
 
@@ -217,10 +272,112 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+LANE_ORDER = ("newest", "oldest", "upstream")
+LANE_TITLE = {
+    "newest": "newest (series applied)",
+    "oldest": "oldest (deps of the release date)",
+    "upstream": "upstream (as shipped)",
+}
+
+
+def lanes(runs: list[Run]) -> list[str]:
+    present = {r.lane for r in runs}
+    return [ln for ln in LANE_ORDER if ln in present] + sorted(present - set(LANE_ORDER))
+
+
+def ranges(items: list[str], order: list[str]) -> str:
+    """``["2.5.0", "2.5.1", "3.0.0"]`` -> ``"2.5.0–2.5.1, 3.0.0"``: items consecutive in ``order`` fold."""
+    index = {v: i for i, v in enumerate(order)}
+    spans: list[list[str]] = []
+    for item in sorted(set(items), key=lambda v: index.get(v, len(order))):
+        if spans and index.get(item, -2) == index.get(spans[-1][-1], -9) + 1:
+            spans[-1].append(item)
+        else:
+            spans.append([item])
+    return ", ".join(sp[0] if len(sp) == 1 else f"{sp[0]}–{sp[-1]}" for sp in spans)
+
+
+def _short_counts(run: Run) -> str:
+    counts = run.counts()
+    if not run.passed:
+        bad = sum(counts.get(k, 0) for k in BAD)
+        return f"❌ {bad} failed" if bad else f"❌ exit {run.data.get('exitstatus')}"
+    parts = [f"✅ {counts.get('passed', 0)}"]
+    if counts.get("xfailed"):
+        parts.append(f"⚠️{counts['xfailed']}")
+    if counts.get("skipped"):
+        parts.append(f"{counts['skipped']} skip")
+    return " ".join(parts)
+
+
+def _release_rows(runs: list[Run]) -> list[tuple[str, dict[str, Run]]]:
+    rows: dict[str, dict[str, Run]] = {}
+    for run in runs:
+        rows.setdefault(run.release, {})[run.lane] = run
+    return list(rows.items())
+
+
+def _series_of(by_lane: dict[str, Run]) -> str:
+    for lane in ("newest", "oldest", *by_lane):
+        run = by_lane.get(lane)
+        if run is not None and (run.meta.get("st_patch") or {}).get("state") != "pristine":
+            return run.series
+    return "none applied"
+
+
+def _defects(runs: list[Run]) -> list[tuple[str, list[str], dict[str, list[str]]]]:
+    """(defect key, links, {lane: [releases]}) per distinct expected failure, in order of first sight."""
+    found: dict[str, tuple[list[str], dict[str, list[str]]]] = {}
+    for run in runs:
+        for key, _check, links in expected_failures(run):
+            entry = found.setdefault(key, ([], {}))
+            entry[0].extend(u for u in links if u not in entry[0])
+            entry[1].setdefault(run.lane, []).append(run.release)
+    return [(k, links, where) for k, (links, where) in found.items()]
+
+
+def _folded_grid(runs: list[Run], cols: list[str], order: list[str]) -> list[tuple[str, list[str]]]:
+    """(label, cells) per lane and run of consecutive releases whose cells are identical."""
+    out: list[tuple[str, list[str]]] = []
+    for lane in lanes(runs):
+        block: list[tuple[list[str], list[str]]] = []  # (releases, cells)
+        for run in (r for r in runs if r.lane == lane):
+            cells = [cell(run, c).text() for c in cols]
+            if block and block[-1][1] == cells:
+                block[-1][0].append(run.release)
+            else:
+                block.append(([run.release], cells))
+        out += [(f"{lane} {ranges(rel, order)}", cells) for rel, cells in block]
+    return out
+
+
+def lane_summary(runs: list[Run]) -> list[tuple[str, str]]:
+    """(title, text) per lane - "40/40 pass; failing: 3.3.1" - and one for the float32 checks."""
+    order = list(dict.fromkeys(r.release for r in runs))
+    out = []
+    for lane in lanes(runs):
+        in_lane = [r for r in runs if r.lane == lane]
+        bad = [r.release for r in in_lane if not r.passed]
+        text = f"{len(in_lane) - len(bad)}/{len(in_lane)} pass" + (f"; failing: {ranges(bad, order)}" if bad else "")
+        out.append((LANE_TITLE.get(lane, lane), text))
+    f32 = [d for d in (r.max_diff_float32() for r in runs) if d[0] is not None]
+    if f32:
+        worst = max(f32, key=lambda d: d[0])
+        out.append(
+            (
+                "float32 checks",
+                f"own tolerance, not in the table: largest |diff| {_fmt_diff(worst[0])} (rel {_fmt_diff(worst[1])})",
+            )
+        )
+    return out
+
+
 def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
     if not runs:
         return "## Conformance matrix\n\nNo results found.\n"
     cols = groups(runs)
+    order = list(dict.fromkeys(r.release for r in runs))
+    lane_list = lanes(runs)
     failed_runs = [r for r in runs if not r.passed]
     lines = [
         "## Conformance matrix",
@@ -228,24 +385,31 @@ def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
         f"**{len(runs) - len(failed_runs)}/{len(runs)} runs passed**"
         + (f" — failing: {', '.join(r.name for r in failed_runs)}" if failed_runs else ""),
         "",
-        "| run | release | state | series (how, state) | result | checks | largest diff abs (rel) | time (suite) |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for run in runs:
-        abs_d, rel_d, _check = run.max_diff()
+    lines += [f"- **{title}**: {text}" for title, text in lane_summary(runs)]
+    lines += [
+        "",
+        "| release | series (how, state) | "
+        + " | ".join(lane_list)
+        + " | largest float64 diff abs (rel) | time (suite) |",
+        "|---|---|" + "---|" * len(lane_list) + "---|---|",
+    ]
+    for release, by_lane in _release_rows(runs):
+        cells = [_short_counts(by_lane[ln]) if ln in by_lane else "—" for ln in lane_list]
+        diffs = [r.max_diff(passing_float64=True) for r in by_lane.values()]
+        diffs = [d for d in diffs if d[0] is not None]
+        abs_d, rel_d, _c = max(diffs, key=lambda d: d[0]) if diffs else (None, None, None)
         diff = _fmt_diff(abs_d) + (f" ({_fmt_diff(rel_d)})" if rel_d is not None else "")
+        main = by_lane.get("newest") or next(iter(by_lane.values()))
         lines.append(
-            f"| {run.name} | {run.release} | {run.state} | {_md_escape(run.series)} | "
-            f"{'✅ pass' if run.passed else '❌ fail'} | {_counts_text(run)} | {diff} | "
-            f"{_fmt_seconds(run.seconds)} ({run.check_seconds:.0f}s) |"
+            f"| {release} | {_md_escape(_series_of(by_lane))} | "
+            + " | ".join(cells)
+            + f" | {diff} | {_fmt_seconds(main.seconds)} ({main.check_seconds:.0f}s) |"
         )
-    lines += ["", "### Checks", "", "| run | " + " | ".join(f"`{c.split('::')[-1]}`" for c in cols) + " |"]
-    lines.append("|---|" + "---|" * len(cols))
-    for run in runs:
-        lines.append(f"| {run.name} | " + " | ".join(cell(run, c).text() for c in cols) + " |")
-    lines += ["", "Columns: " + ", ".join(f"`{c}`" for c in cols) + "."]
+    lines += ["", "Cells: ✅ passed checks, ⚠️ expected failures (known upstream defects, below), ❌ failed checks."]
     failures = [(run, c) for run in runs for c in run.failed]
-    if failures:
+    broken = [r for r in runs if not r.passed and not r.failed]
+    if failures or broken:
         lines += ["", "### Failures", ""]
         for run in runs:
             for c in run.failed[:MD_FAILURES_PER_RUN]:
@@ -255,16 +419,19 @@ def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
             if len(run.failed) > MD_FAILURES_PER_RUN:
                 more = len(run.failed) - MD_FAILURES_PER_RUN
                 lines.append(f"- **{run.name}**: … {more} more failing checks (report.html lists all)")
-    broken = [r for r in runs if not r.passed and not r.failed]
-    for run in broken:
-        lines.append(f"- **{run.name}**: exit status {run.data.get('exitstatus')} with {_counts_text(run)}")
-    xfails = [(run, x) for run in runs for x in expected_failures(run)]
-    if xfails:
-        lines += ["", "<details><summary>Expected failures (known upstream defects)</summary>", ""]
-        for run, (key, check, links) in xfails:
+        for run in broken:
+            lines.append(f"- **{run.name}**: exit status {run.data.get('exitstatus')} with {_counts_text(run)}")
+    defects = _defects(runs)
+    if defects:
+        lines += ["", "### Expected failures (known upstream defects)", ""]
+        for key, links, where in defects:
             link_text = " ".join(f"[{_short(u)}]({u})" for u in links) or "no link"
-            lines.append(f"- {run.name}: {_md_escape(key)} — {link_text} (e.g. `{check}`)")
-        lines += ["", "</details>"]
+            spans = "; ".join(f"{lane}: {ranges(rel, order)}" for lane, rel in where.items())
+            lines.append(f"- `{_md_escape(key)}` {link_text} — {spans}")
+    lines += ["", "<details><summary>Checks per run (consecutive identical rows folded)</summary>", ""]
+    lines += ["| runs | " + " | ".join(f"`{c.split('::')[-1]}`" for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in _folded_grid(runs, cols, order)]
+    lines += ["", "Columns: " + ", ".join(f"`{c}`" for c in cols) + ".", "", "</details>"]
     for w in warnings or []:
         lines.append(f"\n> warning: {w}")
     text = "\n".join(lines) + "\n"
@@ -276,7 +443,10 @@ def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
 
 def _short(url: str) -> str:
     m = re.search(r"github\.com/([^/]+/[^/]+)/(?:issues|pull)/(\d+)", url)
-    return f"{m.group(1)}#{m.group(2)}" if m else url
+    if m:
+        return f"#{m.group(2)}" if url.startswith(UPSTREAM + "/") else f"{m.group(1)}#{m.group(2)}"
+    m = re.search(r"github\.com/[^/]+/[^/]+/commit/([0-9a-f]{7,12})", url)
+    return m.group(1) if m else url
 
 
 CSS = """
@@ -303,7 +473,9 @@ def render_html(runs: list[Run], warnings: list[str] | None = None) -> str:
         out.append("<p>No results found.</p></body></html>")
         return "\n".join(out) + "\n"
     failed_runs = [r for r in runs if not r.passed]
-    out.append(f"<p><b>{len(runs) - len(failed_runs)}/{len(runs)} runs passed</b></p>")
+    out.append(f"<p><b>{len(runs) - len(failed_runs)}/{len(runs)} runs passed</b></p><ul>")
+    out += [f"<li><b>{e(title)}</b>: {e(text)}</li>" for title, text in lane_summary(runs)]
+    out.append("</ul>")
     out.append(
         "<table><tr><th>run</th><th>release</th><th>state</th><th>series (how, state)</th><th>result</th>"
         "<th>checks</th><th>largest |diff|</th><th>rel</th><th>at check</th><th>time</th><th>suite</th>"
