@@ -42,7 +42,8 @@ HOW = {"git": "fork", "source": "sdist", "installed": "installed"}
 URL = re.compile(r"https?://[^\s)\]>,;]+")
 DEFECT = re.compile(r"\[([A-Za-z0-9_.:-]+)\]")
 MD_LIMIT = 60000  # GitHub comments hold 65536 characters
-MD_FAILURES_PER_RUN = 8
+MD_FAILURE_KINDS = 15
+NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 
 
 @dataclass
@@ -351,6 +352,37 @@ def _folded_grid(runs: list[Run], cols: list[str], order: list[str]) -> list[tup
     return out
 
 
+@dataclass
+class FailureKind:
+    """Failing checks whose one-line messages agree once numbers are masked (a crash is one kind
+    whatever the tensor sizes it names)."""
+
+    signature: str
+    checks: list[tuple[Run, dict]] = field(default_factory=list)
+
+    @property
+    def example(self) -> tuple[Run, dict]:
+        return self.checks[0]
+
+    def where(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for run, _check in self.checks:
+            out.setdefault(run.lane, [])
+            if run.release not in out[run.lane]:
+                out[run.lane].append(run.release)
+        return out
+
+
+def failure_kinds(runs: list[Run]) -> list[FailureKind]:
+    """The failing checks grouped by masked message (and test function), most checks first."""
+    kinds: dict[str, FailureKind] = {}
+    for run in runs:
+        for c in run.failed:
+            key = group_of(c["id"]) + " " + NUMBER.sub("N", one_line(c.get("message"), 120))
+            kinds.setdefault(key, FailureKind(key)).checks.append((run, c))
+    return sorted(kinds.values(), key=lambda k: -len(k.checks))
+
+
 def lane_summary(runs: list[Run]) -> list[tuple[str, str]]:
     """(title, text) per lane - "40/40 pass; failing: 3.3.1" - and one for the float32 checks."""
     order = list(dict.fromkeys(r.release for r in runs))
@@ -379,11 +411,15 @@ def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
     order = list(dict.fromkeys(r.release for r in runs))
     lane_list = lanes(runs)
     failed_runs = [r for r in runs if not r.passed]
+    failing = "; ".join(
+        f"{lane} {ranges([r.release for r in failed_runs if r.lane == lane], order)}"
+        for lane in lane_list
+        if any(r.lane == lane for r in failed_runs)
+    )
     lines = [
         "## Conformance matrix",
         "",
-        f"**{len(runs) - len(failed_runs)}/{len(runs)} runs passed**"
-        + (f" — failing: {', '.join(r.name for r in failed_runs)}" if failed_runs else ""),
+        f"**{len(runs) - len(failed_runs)}/{len(runs)} runs passed**" + (f" — failing: {failing}" if failing else ""),
         "",
     ]
     lines += [f"- **{title}**: {text}" for title, text in lane_summary(runs)]
@@ -407,18 +443,20 @@ def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
             + f" | {diff} | {_fmt_seconds(main.seconds)} ({main.check_seconds:.0f}s) |"
         )
     lines += ["", "Cells: ✅ passed checks, ⚠️ expected failures (known upstream defects, below), ❌ failed checks."]
-    failures = [(run, c) for run in runs for c in run.failed]
+    kinds = failure_kinds(runs)
     broken = [r for r in runs if not r.passed and not r.failed]
-    if failures or broken:
-        lines += ["", "### Failures", ""]
-        for run in runs:
-            for c in run.failed[:MD_FAILURES_PER_RUN]:
-                lines.append(
-                    f"- **{run.name}** `{c['id']}` {c.get('status')}: {_md_escape(one_line(c.get('message')))}"
-                )
-            if len(run.failed) > MD_FAILURES_PER_RUN:
-                more = len(run.failed) - MD_FAILURES_PER_RUN
-                lines.append(f"- **{run.name}**: … {more} more failing checks (report.html lists all)")
+    if kinds or broken:
+        lines += ["", "### Failures (grouped by message)", ""]
+        for kind in kinds[:MD_FAILURE_KINDS]:
+            where = "; ".join(f"{lane} {ranges(rel, order)}" for lane, rel in kind.where().items())
+            run, check = kind.example
+            example = f"(e.g. `{check['id'].split('::')[-1]}` on {run.name})"
+            lines.append(
+                f"- **{len(kind.checks)} check{'s' if len(kind.checks) != 1 else ''}** in {where}: "
+                f"{_md_escape(one_line(check.get('message'), 160))} {example}"
+            )
+        if len(kinds) > MD_FAILURE_KINDS:
+            lines.append(f"- … {len(kinds) - MD_FAILURE_KINDS} more kinds of failure (report.html lists every check)")
         for run in broken:
             lines.append(f"- **{run.name}**: exit status {run.data.get('exitstatus')} with {_counts_text(run)}")
     defects = _defects(runs)
