@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -291,6 +295,40 @@ def test_crash_during_revert_is_completed_by_the_next_command(st, st_json, make_
     code, result = st_json("check", root)
     assert code == 0 and result["recovered"]["op"] == "revert" and "completed" in result["recovered"]["action"]
     assert snapshot(root) == original
+
+
+@contextlib.contextmanager
+def _held(root: Path, release_after: float | None = None):
+    """Another st-patch run on ``root``: the lock st-patch takes, held by this process."""
+    handle = open(root / "sentence_transformers" / "__init__.py", "rb")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    timer = threading.Timer(release_after, handle.close) if release_after is not None else None
+    if timer:
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer:
+            timer.join()
+        handle.close()
+
+
+@pytest.mark.parametrize("kind", ["source", "installed"])
+def test_a_second_run_on_the_same_target_waits_then_fails_cleanly(kind, st, make_target, monkeypatch):
+    root = make_target(kind)
+    original = snapshot(root)
+    monkeypatch.setenv("ST_PATCH_LOCK_TIMEOUT", "0.3")
+    with _held(root):
+        code, out = st("apply", root)
+    assert code == 1 and "another st-patch run is working on" in out and "nothing was changed" in out
+    assert "ST_PATCH_LOCK_TIMEOUT" in out
+    assert snapshot(root) == original  # untouched, and the lock left no file behind
+    monkeypatch.setenv("ST_PATCH_LOCK_TIMEOUT", "30")
+    start = time.monotonic()
+    with _held(root, release_after=0.5):
+        code, out = st("apply", root)  # waits for the other run, then applies
+    assert code == 0 and time.monotonic() - start >= 0.5, out
+    assert st("revert", root)[0] == 0 and snapshot(root) == original
 
 
 # ------------------------------------------------------------------------------- git checkouts

@@ -8,6 +8,9 @@ originals and the new contents, so that an interrupted run is rolled back, at on
 st-patch command.
 
 Git checkouts: ``git am -3`` / ``git revert`` of the commits carrying ``St-Patch-Series: <name>``.
+
+One st-patch run at a time per target (``exclusive``): a second one waits for the first, then fails
+with a clear error after ``ST_PATCH_LOCK_TIMEOUT`` seconds (default 60) without touching anything.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -304,6 +308,44 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# ------------------------------------------------------------------------------------------ lock
+
+
+@contextlib.contextmanager
+def exclusive(target: Target, timeout: float | None = None):
+    """Hold an advisory lock on the target for the whole command.
+
+    The lock is a ``flock`` on the package's ``__init__.py``: a file every target has and no series
+    touches, so the lock leaves nothing behind (a lock file would be litter in a pristine package
+    and an untracked file in a fork) and dies with the process that held it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    if timeout is None:
+        timeout = float(os.environ.get("ST_PATCH_LOCK_TIMEOUT") or 60)
+    path = target.package_dir / "__init__.py"
+    with open(path, "rb") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ApplyError(
+                        f"another st-patch run is working on {target.root} (it holds a lock on {path}) and did not "
+                        f"finish within {timeout:g} s; nothing was changed. Wait for it to finish and run this "
+                        "command again (ST_PATCH_LOCK_TIMEOUT sets the wait in seconds)"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------- journal

@@ -27,7 +27,8 @@ exit codes:
        nothing to do (already patched / already pristine / native release)
   1    not applicable or check failed: unknown release, a file that is neither the release's nor
        the patched one, a series that does not apply or does not verify, a dirty git working
-       tree, or a change that failed (the target is rolled back)
+       tree, a change that failed (the target is rolled back), or another st-patch run holding
+       the target for longer than ST_PATCH_LOCK_TIMEOUT (default 60 s; nothing was changed)
   2    bad usage or input: wrong arguments, a missing target path or one that is not a
        sentence-transformers tree, an unreadable or malformed manifest or patch
   130  interrupted (Ctrl-C / SIGTERM) while changing the target; it was rolled back
@@ -232,6 +233,10 @@ class Run:
         self.out["manifest"] = str(manifest.path)
         target = self.target = tg.resolve(self.args.target)
         self.out["target"] = target.to_json()
+        with ap.exclusive(target):
+            return self._run(manifest, target)
+
+    def _run(self, manifest: mf.Manifest, target: tg.Target) -> int:
         recovered = ap.recover(target)
         if recovered:
             self.out["recovered"] = recovered
