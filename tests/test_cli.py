@@ -427,7 +427,7 @@ def test_runs_on_python_3_8(make_target, synthetic):
 
 def test_sources_are_python_3_8_syntax():
     for path in [CLI] + sorted((ROOT / "scripts" / "st_patch").glob("*.py")):
-        if path.name not in ("st-patch", "cli.py", "manifest.py", "targets.py", "apply.py"):
+        if path.name not in ("st-patch", "cli.py", "manifest.py", "targets.py", "apply.py", "record.py"):
             continue
         source = path.read_text()
         ast.parse(source, str(path), feature_version=(3, 8))

@@ -14,6 +14,7 @@ from typing import Dict, List
 
 from . import apply as ap
 from . import manifest as mf
+from . import record as rec
 from . import targets as tg
 from .targets import ABSENT, GIT, INSTALLED, MODIFIED, PATCHED, PRISTINE, SKIPPED
 
@@ -47,7 +48,8 @@ Target kinds (detected automatically from --target PATH):
              when present
   installed  a site-packages directory with a sentence_transformers-*.dist-info (or the
              sentence_transformers package directory itself); only files inside
-             sentence_transformers/ are patched
+             sentence_transformers/ are patched, and the dist-info's RECORD lists what
+             apply changed and added (so `pip uninstall` removes it; revert restores it)
 Without --target, the sentence_transformers importable by this Python is used (located with
 importlib.util.find_spec, never imported).
 
@@ -408,13 +410,16 @@ class Run:
             )
         changes = self._changes(states, result)
         record = ap.state_record(self.target, self.series, self.version, self.out["release"]["detected"])
-        self._transaction("apply", changes, record)
+        listed = self._record_update(changes, applied=True)
+        self._transaction("apply", {**changes, **listed}, record)
         after = tg.classify(self.target, self.series)
         self.set_states(after)
         if tg.overall(after) != PATCHED:  # pragma: no cover - verified before writing
             raise Refusal("applied, but the files do not verify afterwards; run `st-patch revert`")
         self.out["action"] = "applied"
         self.note(f"applied series {self.series.name} ({len(changes)} file{'' if len(changes) == 1 else 's'} changed)")
+        for rel in listed:
+            self.note(f"updated {rel}: the changed and added files are listed, so pip uninstall removes them")
         return OK
 
     def revert_files(self, states: List[tg.FileState]) -> int:
@@ -444,7 +449,7 @@ class Run:
                     + "."
                 )
             changes = self._changes(states, result)
-        self._transaction("revert", changes, None)
+        self._transaction("revert", {**changes, **self._record_update(changes, applied=False)}, None)
         after = tg.classify(self.target, self.series)
         self.set_states(after)
         if tg.overall(after) != PRISTINE:  # pragma: no cover - verified before writing
@@ -452,6 +457,21 @@ class Run:
         self.out["action"] = "reverted"
         self.note(f"reverted series {self.series.name}: the files are byte-identical to the release")
         return OK
+
+    def _record_update(self, changes: Dict[str, bytes | None], applied: bool) -> Dict[str, bytes]:
+        """The installed distribution's RECORD, rewritten for ``changes`` (see record.py); {} when
+        the target is not an installed package with a RECORD or the RECORD needs no change."""
+        info = self.target.dist_info if self.target.kind == INSTALLED else None
+        path = info / "RECORD" if info is not None else None
+        if path is None or not path.is_file():
+            return {}
+        old = path.read_bytes()
+        state = (self.target.state_dir / ap.STATE_FILE).relative_to(self.target.root).as_posix()
+        try:
+            new = rec.rewrite(old, changes, {state: applied})
+        except UnicodeDecodeError as exc:
+            raise Refusal(f"{path} is not UTF-8 text ({exc}); reinstall the package") from None
+        return {path.relative_to(self.target.root).as_posix(): new} if new != old else {}
 
     def _changes(self, states, result) -> Dict[str, bytes | None]:
         return {s.path: result[s.path] for s in states if s.state != SKIPPED and result.get(s.path) != s.data}
