@@ -442,7 +442,11 @@ def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
             + " | ".join(cells)
             + f" | {diff} | {_fmt_seconds(main.seconds)} ({main.check_seconds:.0f}s) |"
         )
-    lines += ["", "Cells: ✅ passed checks, ⚠️ expected failures (known upstream defects, below), ❌ failed checks."]
+    lines += [
+        "",
+        "Cells: ✅ passed checks, ⚠️ expected failures (known upstream defects, below), ❌ failed checks. "
+        "A range a–b spans the releases of this report.",
+    ]
     kinds = failure_kinds(runs)
     broken = [r for r in runs if not r.passed and not r.failed]
     if kinds or broken:
@@ -463,7 +467,7 @@ def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
     if defects:
         lines += ["", "### Expected failures (known upstream defects)", ""]
         for key, links, where in defects:
-            link_text = " ".join(f"[{_short(u)}]({u})" for u in links) or "no link"
+            link_text = " ".join(f"[{_short(u)}]({u})" for u in links) or "(no upstream reference)"
             spans = "; ".join(f"{lane}: {ranges(rel, order)}" for lane, rel in where.items())
             lines.append(f"- `{_md_escape(key)}` {link_text} — {spans}")
     lines += ["", "<details><summary>Checks per run (consecutive identical rows folded)</summary>", ""]
