@@ -81,6 +81,14 @@ def test_apply_lists_added_files_and_revert_restores_record_bytes(make_target, c
     created = [p for p, data in snapshot(root).items() if p not in original and not p.startswith(f"{info.name}/")]
     assert created and set(created) <= listed  # every file st-patch wrote is listed (state.json included)
     assert _dist_files_verify(root) == []  # and every hash is the file's
+    patched = snapshot(root)
+    # an install patched by an st-patch that did not keep RECORD: apply lists the files, then is a no-op
+    (info / "RECORD").write_bytes(original[f"{info.name}/RECORD"])
+    assert cli.main(["apply", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "record-updated"
+    assert snapshot(root) == patched
+    assert cli.main(["apply", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "already-patched"
     assert cli.main(["revert", *args]) == 0
     capsys.readouterr()
     assert snapshot(root) == original  # RECORD byte for byte too

@@ -397,6 +397,17 @@ class Run:
         state = self._refuse_unless_clean(states, "apply")
         if state == PATCHED:
             self.set_states(states)
+            # patched by an st-patch that did not keep RECORD: list the files now, keep the state record
+            listed = self._record_update({s.path: s.data for s in states if s.state != SKIPPED}, applied=True)
+            if listed:
+                kept = ap.read_state(self.target)
+                if not isinstance(kept, dict) or "error" in kept:
+                    kept = ap.state_record(self.target, self.series, self.version, self.out["release"]["detected"])
+                self._transaction("apply", listed, kept)
+                self.out["action"] = "record-updated"
+                for rel in listed:
+                    self.note(f"already patched; updated {rel} to list the changed and added files")
+                return OK
             self.out["action"] = "already-patched"
             self.note("already patched: nothing to do")
             return OK
