@@ -86,10 +86,6 @@ def available(kind: str, cached: bool) -> bool:
     return compat.has_cached(kind) if cached else compat.loss_class(compat.LOSS_NAMES[kind][0]) is not None
 
 
-def _fmt(values) -> str:
-    return "_".join(f"{v:g}" for v in values)
-
-
 def _dims_cases(base: Case) -> list[Case]:
     four = replace(base, dims=(32, 16, 8, 4), weights=None, seed=0)
     out = [

@@ -74,9 +74,5 @@ def detect_state() -> str:
     return "patched" if (pkg.parent / ".git").exists() and _series_commits(pkg) else "native"
 
 
-def torch_version() -> str:
-    return importlib.metadata.version("torch")
-
-
 RELEASE = _release()
 STATE = detect_state()

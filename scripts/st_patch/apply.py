@@ -636,20 +636,24 @@ def _identity(target: Target) -> List[str]:
     return ["-c", "user.name=st-patch", "-c", "user.email=st-patch@localhost"]
 
 
-def git_am(target: Target, series: Series) -> None:
+def _git_sequence(target: Target, args: List[str], failed: str) -> None:
+    """Run ``git am`` / ``git revert`` (``args``); on failure or Ctrl-C, ``--abort`` it so that the
+    checkout is as it was, then raise."""
+    command = args[0]
     try:
-        proc = git(
-            _identity(target) + ["am", "-3", "--quiet"] + [str(p) for p in series.patch_paths()],
-            target.root,
-            check=False,
-        )
+        proc = git(_identity(target) + args, target.root, check=False)
     except KeyboardInterrupt:
-        git(["am", "--abort"], target.root, check=False)
+        git([command, "--abort"], target.root, check=False)
         raise
     if proc.returncode:
         message = _git_message(proc)
-        git(["am", "--abort"], target.root, check=False)
-        raise ApplyError(f"git am -3 failed, aborted (nothing applied): {message}")
+        git([command, "--abort"], target.root, check=False)
+        raise ApplyError(f"{failed}: {message}")
+
+
+def git_am(target: Target, series: Series) -> None:
+    args = ["am", "-3", "--quiet"] + [str(p) for p in series.patch_paths()]
+    _git_sequence(target, args, "git am -3 failed, aborted (nothing applied)")
 
 
 def git_reset_keep(target: Target, commit: str) -> None:
@@ -657,15 +661,7 @@ def git_reset_keep(target: Target, commit: str) -> None:
 
 
 def git_revert(target: Target, commits: List[str]) -> None:
-    try:
-        proc = git(_identity(target) + ["revert", "--no-edit"] + commits, target.root, check=False)
-    except KeyboardInterrupt:
-        git(["revert", "--abort"], target.root, check=False)
-        raise
-    if proc.returncode:
-        message = _git_message(proc)
-        git(["revert", "--abort"], target.root, check=False)
-        raise ApplyError(f"git revert failed, aborted (nothing reverted): {message}")
+    _git_sequence(target, ["revert", "--no-edit"] + commits, "git revert failed, aborted (nothing reverted)")
 
 
 def git_unchanged_since(target: Target, commit: str, paths: List[str]) -> bool:

@@ -403,7 +403,7 @@ class Run:
                 kept = ap.read_state(self.target)
                 if not isinstance(kept, dict) or "error" in kept:
                     kept = ap.state_record(self.target, self.series, self.version, self.out["release"]["detected"])
-                self._transaction("apply", listed, kept)
+                self._write_verified("apply", listed, kept, PATCHED)
                 self.out["action"] = "record-updated"
                 for rel in listed:
                     self.note(f"already patched; updated {rel} to list the changed and added files")
@@ -422,11 +422,7 @@ class Run:
         changes = self._changes(states, result)
         record = ap.state_record(self.target, self.series, self.version, self.out["release"]["detected"])
         listed = self._record_update(changes, applied=True)
-        self._transaction("apply", {**changes, **listed}, record)
-        after = tg.classify(self.target, self.series)
-        self.set_states(after)
-        if tg.overall(after) != PATCHED:  # pragma: no cover - verified before writing
-            raise Refusal("applied, but the files do not verify afterwards; run `st-patch revert`")
+        self._write_verified("apply", {**changes, **listed}, record, PATCHED)
         self.out["action"] = "applied"
         self.note(f"applied series {self.series.name} ({len(changes)} file{'' if len(changes) == 1 else 's'} changed)")
         for rel in listed:
@@ -460,14 +456,18 @@ class Run:
                     + "."
                 )
             changes = self._changes(states, result)
-        self._transaction("revert", {**changes, **self._record_update(changes, applied=False)}, None)
-        after = tg.classify(self.target, self.series)
-        self.set_states(after)
-        if tg.overall(after) != PRISTINE:  # pragma: no cover - verified before writing
-            raise Refusal("reverted, but the files do not verify afterwards")
+        self._write_verified("revert", {**changes, **self._record_update(changes, applied=False)}, None, PRISTINE)
         self.out["action"] = "reverted"
         self.note(f"reverted series {self.series.name}: the files are byte-identical to the release")
         return OK
+
+    def _write_verified(self, op: str, changes: Dict[str, bytes | None], record: dict | None, expect: str) -> None:
+        """Write ``changes`` in one transaction, then classify the files again: they must be ``expect``."""
+        self._transaction(op, changes, record)
+        after = tg.classify(self.target, self.series)
+        self.set_states(after)
+        if tg.overall(after) != expect:  # pragma: no cover - verified before writing
+            raise Refusal(f"{op}: the files do not verify as {expect} afterwards; run `st-patch status`")
 
     def _record_update(self, changes: Dict[str, bytes | None], applied: bool) -> Dict[str, bytes]:
         """The installed distribution's RECORD, rewritten for ``changes`` (see record.py); {} when

@@ -8,7 +8,6 @@ proxy configuration apply) into ``$ST_PATCH_CACHE`` (default ``~/.cache/st-matry
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -80,14 +79,3 @@ def wheel_tree(version: str, dest: Path | None = None) -> Path:
     with zipfile.ZipFile(archive) as wheel:
         wheel.extractall(dest)
     return dest
-
-
-def seed_from(directory: Path) -> None:
-    """Copy already downloaded sdists and wheels from ``directory`` into the cache (offline set-up)."""
-    for path in Path(directory).rglob("sentence*transformers-*"):
-        kind = "wheel" if path.suffix == ".whl" else "sdist" if path.name.endswith(".tar.gz") else None
-        if kind:
-            target = cache_dir() / kind / path.name
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)

@@ -14,7 +14,7 @@ The Markdown fits a PR comment / job summary and reads top-down in a minute:
    runs pass, and which fail;
 2. one row per release: the series and how it was applied, one cell per lane, the largest float64
    difference from the reference over the passing checks, and timings;
-3. one line per failing check;
+3. the failing checks grouped by message (numbers masked), with the releases each group hits;
 4. the expected failures grouped by upstream defect, with the link and the releases per lane
    (consecutive releases folded into ranges);
 5. the run × check grid (checks grouped by test function; a cell aggregates its parametrisations)
@@ -40,7 +40,6 @@ from pathlib import Path
 BAD = ("failed", "error", "xpassed")
 HOW = {"git": "fork", "source": "sdist", "installed": "installed"}
 URL = re.compile(r"https?://[^\s)\]>,;]+")
-DEFECT = re.compile(r"\[([A-Za-z0-9_.:-]+)\]")
 MD_LIMIT = 60000  # GitHub comments hold 65536 characters
 MD_FAILURE_KINDS = 15
 NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")
@@ -77,26 +76,14 @@ class Run:
         suffix = self.name.rsplit("-", 1)[-1]
         return suffix if suffix in ("oldest", "upstream") else "newest"
 
-    def max_diff(self, passing_float64: bool = False) -> tuple[float | None, float | None, str | None]:
-        """(largest max_abs_diff, its max_rel_diff, the check) over every check that compared numbers;
-        with ``passing_float64``, over the passed checks that are not float32 checks."""
+    def max_diff(self, keep=lambda check: True) -> tuple[float | None, float | None, str | None]:
+        """(largest max_abs_diff, its max_rel_diff, the check) over the checks that compared numbers
+        and that ``keep`` accepts (see ``is_float64_pass`` / ``is_float32_pass``)."""
         best: tuple[float | None, float | None, str | None] = (None, None, None)
         for c in self.checks:
-            if passing_float64 and (c.get("status") != "passed" or "float32" in c["id"]):
-                continue
             value = c.get("max_abs_diff")
-            if isinstance(value, (int, float)) and (best[0] is None or value > best[0]):
+            if keep(c) and isinstance(value, (int, float)) and (best[0] is None or value > best[0]):
                 best = (float(value), c.get("max_rel_diff"), c.get("id"))
-        return best
-
-    def max_diff_float32(self) -> tuple[float | None, float | None, str | None]:
-        """The largest difference over the passed float32 checks."""
-        best: tuple[float | None, float | None, str | None] = (None, None, None)
-        for c in self.checks:
-            value = c.get("max_abs_diff")
-            if c.get("status") == "passed" and "float32" in c["id"] and isinstance(value, (int, float)):
-                if best[0] is None or value > best[0]:
-                    best = (float(value), c.get("max_rel_diff"), c.get("id"))
         return best
 
     @property
@@ -118,6 +105,14 @@ class Run:
     @property
     def check_seconds(self) -> float:
         return sum(float(c.get("duration") or 0.0) for c in self.checks)
+
+
+def is_float32_pass(check: dict) -> bool:
+    return check.get("status") == "passed" and "float32" in check["id"]
+
+
+def is_float64_pass(check: dict) -> bool:
+    return check.get("status") == "passed" and "float32" not in check["id"]
 
 
 def _version_key(text: str):
@@ -281,6 +276,21 @@ LANE_TITLE = {
 }
 
 
+def release_order(runs: list[Run]) -> list[str]:
+    """The releases of the report, in the (version) order of ``runs``: what ``ranges`` folds over."""
+    return list(dict.fromkeys(r.release for r in runs))
+
+
+def releases_by_lane(runs) -> dict[str, list[str]]:
+    """{lane: [release, ...]} of ``runs`` (Run objects), each release once, in order of appearance."""
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        releases = out.setdefault(run.lane, [])
+        if run.release not in releases:
+            releases.append(run.release)
+    return out
+
+
 def lanes(runs: list[Run]) -> list[str]:
     present = {r.lane for r in runs}
     return [ln for ln in LANE_ORDER if ln in present] + sorted(present - set(LANE_ORDER))
@@ -328,13 +338,13 @@ def _series_of(by_lane: dict[str, Run]) -> str:
 
 def _defects(runs: list[Run]) -> list[tuple[str, list[str], dict[str, list[str]]]]:
     """(defect key, links, {lane: [releases]}) per distinct expected failure, in order of first sight."""
-    found: dict[str, tuple[list[str], dict[str, list[str]]]] = {}
+    found: dict[str, tuple[list[str], list[Run]]] = {}
     for run in runs:
         for key, _check, links in expected_failures(run):
-            entry = found.setdefault(key, ([], {}))
+            entry = found.setdefault(key, ([], []))
             entry[0].extend(u for u in links if u not in entry[0])
-            entry[1].setdefault(run.lane, []).append(run.release)
-    return [(k, links, where) for k, (links, where) in found.items()]
+            entry[1].append(run)
+    return [(k, links, releases_by_lane(hit)) for k, (links, hit) in found.items()]
 
 
 def _folded_grid(runs: list[Run], cols: list[str], order: list[str]) -> list[tuple[str, list[str]]]:
@@ -365,12 +375,7 @@ class FailureKind:
         return self.checks[0]
 
     def where(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for run, _check in self.checks:
-            out.setdefault(run.lane, [])
-            if run.release not in out[run.lane]:
-                out[run.lane].append(run.release)
-        return out
+        return releases_by_lane(run for run, _check in self.checks)
 
 
 def failure_kinds(runs: list[Run]) -> list[FailureKind]:
@@ -385,14 +390,15 @@ def failure_kinds(runs: list[Run]) -> list[FailureKind]:
 
 def lane_summary(runs: list[Run]) -> list[tuple[str, str]]:
     """(title, text) per lane - "40/40 pass; failing: 3.3.1" - and one for the float32 checks."""
-    order = list(dict.fromkeys(r.release for r in runs))
+    order = release_order(runs)
+    failing = releases_by_lane(r for r in runs if not r.passed)
     out = []
     for lane in lanes(runs):
         in_lane = [r for r in runs if r.lane == lane]
-        bad = [r.release for r in in_lane if not r.passed]
+        bad = failing.get(lane, [])
         text = f"{len(in_lane) - len(bad)}/{len(in_lane)} pass" + (f"; failing: {ranges(bad, order)}" if bad else "")
         out.append((LANE_TITLE.get(lane, lane), text))
-    f32 = [d for d in (r.max_diff_float32() for r in runs) if d[0] is not None]
+    f32 = [d for d in (r.max_diff(is_float32_pass) for r in runs) if d[0] is not None]
     if f32:
         worst = max(f32, key=lambda d: d[0])
         out.append(
@@ -408,14 +414,10 @@ def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
     if not runs:
         return "## Conformance matrix\n\nNo results found.\n"
     cols = groups(runs)
-    order = list(dict.fromkeys(r.release for r in runs))
+    order = release_order(runs)
     lane_list = lanes(runs)
     failed_runs = [r for r in runs if not r.passed]
-    failing = "; ".join(
-        f"{lane} {ranges([r.release for r in failed_runs if r.lane == lane], order)}"
-        for lane in lane_list
-        if any(r.lane == lane for r in failed_runs)
-    )
+    failing = "; ".join(f"{lane} {ranges(rel, order)}" for lane, rel in releases_by_lane(failed_runs).items())
     lines = [
         "## Conformance matrix",
         "",
@@ -432,7 +434,7 @@ def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
     ]
     for release, by_lane in _release_rows(runs):
         cells = [_short_counts(by_lane[ln]) if ln in by_lane else "—" for ln in lane_list]
-        diffs = [r.max_diff(passing_float64=True) for r in by_lane.values()]
+        diffs = [r.max_diff(is_float64_pass) for r in by_lane.values()]
         diffs = [d for d in diffs if d[0] is not None]
         abs_d, rel_d, _c = max(diffs, key=lambda d: d[0]) if diffs else (None, None, None)
         diff = _fmt_diff(abs_d) + (f" ({_fmt_diff(rel_d)})" if rel_d is not None else "")
