@@ -48,7 +48,7 @@ from . import releases, toxenv, toxgen
 ROOT = releases.ROOT
 RESULTS = ROOT / "results"
 LANES = ("newest", "oldest", "upstream", "both")
-ST_PATCH_MODULES = ("apply.py", "cli.py", "manifest.py", "record.py", "targets.py")
+ST_PATCH_MODULES = tuple(sorted(p.name for p in (ROOT / "scripts" / "st_patch").glob("*.py")))
 
 
 @dataclass

@@ -6,12 +6,14 @@ Nothing here writes to the target and nothing imports ``sentence_transformers``.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 from .manifest import CRLF, LF, FileSpec, Manifest, Series, sha256
+from .outcome import FileReport
 
 PACKAGE = "sentence_transformers"
 STATE_DIR = ".st-patch"
@@ -55,6 +57,11 @@ class Target:
     @property
     def state_dir(self) -> Path:
         return self.package_dir / STATE_DIR
+
+    @property
+    def legacy_journal(self) -> Path:
+        """Where st-patch 1.x kept the journal of a run in progress."""
+        return self.state_dir / "journal" / "journal.json"
 
     def path(self, rel: str) -> Path:
         return self.root.joinpath(*rel.split("/"))
@@ -121,7 +128,8 @@ def resolve(path=None) -> Target:
         raise TargetError(f"target {given} does not exist")
     if not given.is_dir():
         raise TargetError(f"target {given} is not a directory")
-    root = given.resolve()
+    # not resolve(): a symlinked package directory must stay in its site-packages (with its dist-info)
+    root = Path(os.path.abspath(str(given)))
     if root.name == PACKAGE and (root / "__init__.py").is_file():
         root = root.parent  # the package directory itself: use its parent
     init_file = root / PACKAGE / "__init__.py"
@@ -168,19 +176,18 @@ class FileState:
             return self.state == ABSENT
         return self.state == side
 
-    def to_json(self) -> dict:
-        out = {
-            "path": self.path,
-            "state": self.state,
-            "sha256": self.sha256,
-            "eol": self.eol,
-            "created_by_series": self.spec.created,
-        }
-        out["expected"] = {
-            "pristine": self.spec.pristine.to_json() if self.spec.pristine else None,
-            "patched": self.spec.patched.to_json() if self.spec.patched else None,
-        }
-        return out
+    def report(self) -> FileReport:
+        return FileReport(
+            path=self.path,
+            state=self.state,
+            sha256=self.sha256,
+            eol=self.eol,
+            created_by_series=self.spec.created,
+            expected={
+                "pristine": self.spec.pristine.to_json() if self.spec.pristine else None,
+                "patched": self.spec.patched.to_json() if self.spec.patched else None,
+            },
+        )
 
 
 def classify_file(target: Target, spec: FileSpec) -> FileState:
