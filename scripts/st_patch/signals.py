@@ -23,6 +23,7 @@ class Guard:
     def __init__(self) -> None:
         self.depth = 0
         self.pending: List[int] = []
+        self.cleanup_error: str | None = None  # set by a step that completed but could not tidy up
         self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:

@@ -340,6 +340,24 @@ class Pending:
     committed: bool | None  # None: cannot tell (foreign state or no journal)
     problem: str | None  # why it cannot be replayed, or None
 
+    def locate(self, target: Target):
+        """For an interrupted run stopped before its commit point: a function giving, for a path
+        relative to the root, where its bytes will be once the run is rolled back (the original
+        of a directory already exchanged), so that status reports the state recovery will give."""
+        if self.committed is not False or self.problem or not self.journal:
+            return None
+        moved = {}
+        for rec in self.journal["units"]:
+            unit = Unit(rec["name"], Path(rec["live"]))
+            if identity(unit.live) == rec["staged_ino"]:
+                moved[unit.name] = unit.staged if identity(unit.staged) == rec["live_ino"] else unit.old
+
+        def where(rel: str) -> Path:
+            top, rest = _split(rel)
+            return moved[top].joinpath(*rest.split("/")) if top in moved else target.path(rel)
+
+        return where
+
     def to_json(self) -> dict:
         journal = self.journal or {}
         return {
@@ -554,12 +572,16 @@ def commit(
                     "staged_ino": identity(unit.staged),
                 }
             )
-        write_file(jpath, (json.dumps(journal, indent=2) + "\n").encode("utf-8"))
+        draft = jpath.with_name(jpath.name + NEW)  # complete or absent: renamed into place
+        remove_tree(draft)
+        write_file(draft, (json.dumps(journal, indent=2) + "\n").encode("utf-8"))
+        os.rename(str(draft), str(jpath))
         fsync_dir(jpath.parent)
     except BaseException as exc:
         with guard.critical():
             for unit in units:
                 remove_tree(unit.staged)
+            remove_tree(jpath.with_name(jpath.name + NEW))
             with contextlib.suppress(FileNotFoundError):
                 jpath.unlink()
         if isinstance(exc, KeyboardInterrupt):
@@ -589,8 +611,13 @@ def commit(
                     remove_tree(unit.old)
                 jpath.unlink()
                 raise Refusal(f"{op} failed ({exc}); every directory was put back, nothing was changed") from None
-        for unit in units:
-            remove_tree(unit.staged)
-            remove_tree(unit.old)
-        jpath.unlink()
-        fsync_dir(jpath.parent)
+        try:  # past the commit point: a failure here leaves litter the next run removes, nothing more
+            for unit in units:
+                remove_tree(unit.staged)
+                remove_tree(unit.old)
+            jpath.unlink()
+            fsync_dir(jpath.parent)
+        except OSError as exc:
+            guard.cleanup_error = (
+                f"{op} completed, but removing its old copies failed ({exc}); the next run removes them"
+            )

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from .manifest import CRLF, LF, FileSpec, Manifest, Series, sha256
 from .outcome import FileReport
@@ -190,10 +190,11 @@ class FileState:
         )
 
 
-def classify_file(target: Target, spec: FileSpec) -> FileState:
+def classify_file(target: Target, spec: FileSpec, locate: Callable[[str], Path] | None = None) -> FileState:
+    """The state of one series file; ``locate`` maps a path to where its bytes are (default: the target)."""
     if not target.in_scope(spec.path):
         return FileState(spec, SKIPPED)
-    path = target.path(spec.path)
+    path = locate(spec.path) if locate else target.path(spec.path)
     if not path.is_file():
         return FileState(spec, ABSENT)
     data = path.read_bytes()
@@ -207,8 +208,8 @@ def classify_file(target: Target, spec: FileSpec) -> FileState:
     return FileState(spec, MODIFIED, digest, eol, data)
 
 
-def classify(target: Target, series: Series) -> List[FileState]:
-    return [classify_file(target, spec) for spec in series.files.values()]
+def classify(target: Target, series: Series, locate: Callable[[str], Path] | None = None) -> List[FileState]:
+    return [classify_file(target, spec, locate) for spec in series.files.values()]
 
 
 def overall(states: List[FileState]) -> str:

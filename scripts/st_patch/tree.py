@@ -114,14 +114,15 @@ class TreeBackend:
     def state_rel(self) -> str:
         return (self.target.state_dir / STATE_FILE).relative_to(self.target.root).as_posix()
 
-    def _states(self) -> List[FileState]:
-        states = tg.classify(self.target, self.series)
+    def _states(self, pending: swap.Pending | None = None) -> List[FileState]:
+        locate = pending.locate(self.target) if pending is not None else None
+        states = tg.classify(self.target, self.series, locate)
         self.out.files = [s.report() for s in states]
         self.out.state = tg.overall(states)
         self.out.eol = tg.target_eol(states)
         return states
 
-    def _report_pending(self, doing: str) -> None:
+    def _report_pending(self) -> swap.Pending | None:
         """status/check: say what an interrupted run left and what the next apply/revert will do."""
         pending = swap.inspect(self.target)
         if pending is not None:
@@ -158,6 +159,7 @@ class TreeBackend:
                 f"found the journal of an st-patch 1.x run that was interrupted ({self.target.legacy_journal}); "
                 f"the next apply or revert rolls it back"
             )
+        return pending
 
     def _recover(self) -> None:
         """apply/revert: finish whatever an interrupted run left, before anything else."""
@@ -247,6 +249,8 @@ class TreeBackend:
 
     def _commit(self, op: str, changes: Dict[str, bytes | None], remove_dirs: List[str], expect: str) -> None:
         swap.commit(self.target, op, self.series.name, changes, self.guard, remove_dirs)
+        if self.guard.cleanup_error:
+            self.out.warn(self.guard.cleanup_error)
         held = self.guard.take()
         if held:
             self.out.note(f"{held} arrived after the commit point: the {op} completed")
@@ -258,9 +262,8 @@ class TreeBackend:
     # -- commands
 
     def status(self) -> int:
-        states = self._states()
+        states = self._states(self._report_pending())
         self.out.recorded = read_state(self.target)
-        self._report_pending("status")
         state = self.out.state
         extra = self._note_leftovers(states)
         if self.out.recorded and state != PATCHED:
@@ -279,8 +282,7 @@ class TreeBackend:
         return FAIL
 
     def check(self) -> int:
-        self._report_pending("check")
-        states = self._states()
+        states = self._states(self._report_pending())
         state = self._refuse_unless_clean(states, "apply")
         self._note_leftovers(states)
         if state == PATCHED:
