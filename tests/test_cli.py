@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, find_python38, git, snapshot
 from st_patch import cli
+from st_patch.record import row_hash
 
 CLI = ROOT / "scripts" / "st-patch"
 MATRYOSHKA = "sentence_transformers/losses/MatryoshkaLoss.py"
@@ -155,6 +156,47 @@ def test_package_directory_as_target_means_its_site_packages(st_json, make_targe
     code, result = st_json("apply", root / "sentence_transformers")
     assert code == 0 and result["target"]["path"] == str(root.resolve())
     assert result["target"]["dist_info"].endswith("sentence_transformers-9.9.9.dist-info")
+
+
+def test_symlinked_package_directory_is_the_installed_package_it_is(st_json, make_target, tmp_path):
+    """site-packages/sentence_transformers -> elsewhere: still an installed package whose RECORD is kept true."""
+    root = make_target("installed")
+    info = root / "sentence_transformers-9.9.9.dist-info"
+    data = (root / MATRYOSHKA).read_bytes()
+    (info / "RECORD").write_text(f"{MATRYOSHKA},{row_hash(data)},{len(data)}\nsentence_transformers/__init__.py,,\n")
+    record = (info / "RECORD").read_bytes()
+    real = tmp_path / "elsewhere" / "sentence_transformers"
+    real.parent.mkdir()
+    (root / "sentence_transformers").rename(real)
+    (root / "sentence_transformers").symlink_to(real, target_is_directory=True)
+    original = snapshot(real)
+    code, result = st_json("apply", root / "sentence_transformers")
+    assert code == 0 and result["target"]["kind"] == "installed", result
+    assert CACHE in (info / "RECORD").read_text(), "RECORD must list the added module"
+    assert (root / "sentence_transformers").is_symlink() and (real / "losses" / "_matryoshka_cache.py").is_file()
+    code, result = st_json("revert", root / "sentence_transformers")
+    assert code == 0 and (info / "RECORD").read_bytes() == record and snapshot(real) == original
+    assert (root / "sentence_transformers").is_symlink()
+
+
+def test_revert_leaves_the_bytecode_pip_installed(st, make_target):
+    """revert restores exactly what apply changed: pip's .pyc files of the touched modules stay."""
+    root = make_target("installed")
+    cache = root / "sentence_transformers" / "losses" / "__pycache__"
+    cache.mkdir()
+    (cache / "MatryoshkaLoss.cpython-311.pyc").write_bytes(b"pip compiled this")
+    (cache / "__init__.cpython-311.pyc").write_bytes(b"and this")
+    original = snapshot(root)
+    assert st("apply", root)[0] == 0
+    (cache / "_matryoshka_cache.cpython-311.pyc").write_bytes(b"python compiled the added module")
+    assert st("revert", root)[0] == 0
+    assert snapshot(root) == original
+
+
+def test_usage_errors_are_json_objects_with_json(capsys):
+    assert cli.main(["apply", "--json", "--bogus"]) == 2
+    result = json.loads(capsys.readouterr().out)
+    assert result["exit_code"] == 2 and result["ok"] is False and "--bogus" in result["error"]
 
 
 def test_default_target_is_the_importable_package_found_without_importing(make_target, synthetic, monkeypatch, capsys):
