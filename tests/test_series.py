@@ -44,16 +44,34 @@ def test_recipe_refuses_text_it_does_not_know():
         recipes.edit_symmetric("class CachedMultipleNegativesSymmetricRankingLoss: pass\n")
 
 
+HOSTILE_GIT_CONFIG = """\
+[diff]
+    algorithm = histogram
+    noprefix = true
+[format]
+    subjectPrefix = FORK
+    signature = a maintainer's signature
+    numbered = true
+[commit]
+    gpgsign = true
+[core]
+    autocrlf = true
+"""
+
+
 @pytest.mark.slow
-def test_generated_files_are_up_to_date():
-    """patches/, tox.ini and the README table are exactly what patches/source and releases.toml generate."""
+def test_generated_files_are_up_to_date(tmp_path):
+    """patches/, tox.ini and the README table are exactly what patches/source and releases.toml generate,
+    whatever the maintainer's global git configuration says."""
+    config = tmp_path / "gitconfig"
+    config.write_text(HOSTILE_GIT_CONFIG)
     for module in ("st_patch.series", "st_patch.toxgen", "st_patch.readme"):
         result = subprocess.run(
             ["python3", "-m", module, "--check"],
             cwd=ROOT / "scripts",
             text=True,
             capture_output=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")},
+            env={**os.environ, "PYTHONPATH": str(ROOT / "scripts"), "GIT_CONFIG_GLOBAL": str(config)},
         )
         assert result.returncode == 0, result.stdout + result.stderr
 
