@@ -165,11 +165,15 @@ def _history(target: Target, rev: str, paths: List[str]) -> List[Commit]:
                 reverts.append(line[len(REVERTS) :].split()[0].rstrip(".,"))
         commits.append(Commit(sha, subject, series, reverts))
     if commits:
-        log = _git(
+        proc = _git(
             target,
             ["log", "--no-merges", "-p", "--full-diff", "--no-color", "--no-ext-diff", "--pretty=medium", rev, "--"]
             + paths,
-        ).stdout
+            check=False,
+        )
+        if proc.returncode:  # e.g. a partial clone offline: the trailer and the subject still tell
+            return commits
+        log = proc.stdout
         ids = {}
         for line in _git(target, ["patch-id", "--stable"], input=log).stdout.splitlines():
             parts = line.split()
