@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, find_python38, git, snapshot
+from conftest import ROOT, find_python38, snapshot
 from st_patch import cli
 from st_patch.record import row_hash
 
@@ -317,68 +317,6 @@ def test_a_second_run_on_the_same_target_waits_then_fails_cleanly(kind, st, make
         code, out = st("apply", root)  # waits for the other run, then applies
     assert code == 0 and time.monotonic() - start >= 0.5, out
     assert st("revert", root)[0] == 0 and snapshot(root) == original
-
-
-# ------------------------------------------------------------------------------- git checkouts
-
-
-def test_git_checkout_apply_is_git_am_and_revert_is_git_revert(st, st_json, make_target, synthetic):
-    repo = make_target("git")
-    head = git(repo, "rev-parse", "HEAD").strip()
-    code, result = st_json("check", repo)
-    assert code == 0 and result["action"] == "would-apply" and result["target"]["kind"] == "git"
-    assert git(repo, "rev-parse", "HEAD").strip() == head and git(repo, "status", "--porcelain") == ""
-
-    code, result = st_json("apply", repo)
-    assert code == 0 and result["action"] == "applied" and len(result["commits"]) == 2
-    messages = git(repo, "log", "--format=%B%x00", head + "..HEAD").split("\0")
-    assert sum(f"St-Patch-Series: {synthetic.series}" in m for m in messages) == 2
-    for rel in synthetic.files:
-        assert (repo / rel).read_bytes() == synthetic.patched[rel].encode(), rel
-    code, out = st("apply", repo)
-    assert code == 0 and "already patched" in out
-
-    code, result = st_json("revert", repo)
-    assert code == 0 and result["state"] == "pristine" and not result["warnings"]
-    assert any("byte-identical" in m for m in result["messages"])
-    assert git(repo, "diff", head, "HEAD") == ""
-    assert st("revert", repo)[0] == 0
-    code, result = st_json("apply", repo)  # again, after the revert
-    assert code == 0 and result["action"] == "applied"
-
-
-def test_git_checkout_refuses_uncommitted_changes_to_touched_files(st, make_target):
-    repo = make_target("git")
-    head = git(repo, "rev-parse", "HEAD").strip()
-    (repo / CACHE).write_text("untracked\n")
-    code, out = st("apply", repo)
-    assert code == 1 and CACHE in out and "uncommitted" in out
-    assert git(repo, "rev-parse", "HEAD").strip() == head
-
-
-def test_git_fork_conflict_is_aborted_and_divergence_is_merged(st, st_json, make_target):
-    repo = make_target("git")
-    path = repo / MATRYOSHKA
-    path.write_text(path.read_text().replace("return self.loss(features)", "return self.fork_loss(features)"))
-    git(repo, "commit", "-qam", "Fork change on the patched line")
-    head = git(repo, "rev-parse", "HEAD").strip()
-    assert st("check", repo)[0] == 1
-    code, out = st("apply", repo)
-    assert code == 1 and "aborted" in out
-    assert git(repo, "rev-parse", "HEAD").strip() == head and git(repo, "status", "--porcelain") == ""
-
-    git(repo, "reset", "-q", "--hard", "HEAD~1")
-    path.write_text(path.read_text().replace("step_6 = features", "step_6 = features  # the fork's own change"))
-    git(repo, "commit", "-qam", "Fork change elsewhere")
-    head = git(repo, "rev-parse", "HEAD").strip()
-    code, result = st_json("status", repo)
-    assert code == 0 and result["state"] == "modified"
-    code, out = st("apply", repo)
-    assert code == 0, out
-    assert st_json("status", repo)[1]["state"] == "patched"
-    code, out = st("revert", repo)
-    assert code == 0, out
-    assert git(repo, "diff", head, "HEAD") == ""
 
 
 # --------------------------------------------------------------------------- the script itself
