@@ -170,6 +170,31 @@ def make_target(synthetic, tmp_path):
     return make
 
 
+@pytest.fixture
+def st(synthetic, capsys):
+    """``st(command, target, *extra) -> (exit code, stdout + stderr)``, in-process, synthetic manifest."""
+
+    def run(command, target, *extra):
+        from st_patch import cli
+
+        code = cli.main([command, "--target", str(target), "--manifest", str(synthetic.manifest), *extra])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    return run
+
+
+@pytest.fixture
+def st_json(st):
+    def run(command, target, *extra):
+        code, out = st(command, target, "--json", *extra)
+        result = json.loads(out)
+        assert result["exit_code"] == code and result["command"] == command
+        return code, result
+
+    return run
+
+
 def snapshot(root: Path) -> dict:
     """{relative path: bytes} of every file under root (without .git)."""
     out = {}

@@ -28,29 +28,6 @@ def _crlf(text: str) -> bytes:
     return text.encode().replace(b"\n", b"\r\n")
 
 
-@pytest.fixture
-def st(synthetic, capsys):
-    """``st(command, target, *extra) -> (exit code, stdout + stderr)``, in-process, synthetic manifest."""
-
-    def run(command, target, *extra):
-        code = cli.main([command, "--target", str(target), "--manifest", str(synthetic.manifest), *extra])
-        captured = capsys.readouterr()
-        return code, captured.out + captured.err
-
-    return run
-
-
-@pytest.fixture
-def st_json(st):
-    def run(command, target, *extra):
-        code, out = st(command, target, "--json", *extra)
-        result = json.loads(out)
-        assert result["exit_code"] == code and result["command"] == command
-        return code, result
-
-    return run
-
-
 def _states(result):
     return {f["path"]: f["state"] for f in result["files"]}
 

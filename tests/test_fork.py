@@ -3,7 +3,6 @@ kept or restored on failure, Ctrl-C and kill -9, and the checks that predict wha
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,34 +12,10 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, git
-from st_patch import cli
 
 CLI = ROOT / "scripts" / "st-patch"
 MATRYOSHKA = "sentence_transformers/losses/MatryoshkaLoss.py"
 CACHE = "sentence_transformers/losses/_matryoshka_cache.py"
-
-
-@pytest.fixture
-def st(synthetic, capsys):
-    """``st(command, target, *extra) -> (exit code, stdout + stderr)``, in-process, synthetic manifest."""
-
-    def run(command, target, *extra):
-        code = cli.main([command, "--target", str(target), "--manifest", str(synthetic.manifest), *extra])
-        captured = capsys.readouterr()
-        return code, captured.out + captured.err
-
-    return run
-
-
-@pytest.fixture
-def st_json(st):
-    def run(command, target, *extra):
-        code, out = st(command, target, "--json", *extra)
-        result = json.loads(out)
-        assert result["exit_code"] == code and result["command"] == command
-        return code, result
-
-    return run
 
 
 def _patches(synthetic):
