@@ -10,29 +10,38 @@ JOBS ?= 2
 export UV_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 export SSL_CERT_FILE ?= /etc/ssl/certs/ca-certificates.crt
 export HF_HUB_OFFLINE := 1
+# the shipped tool (st_patch) and the maintainers' automation (tools) are imported from scripts/
+export PYTHONPATH := $(CURDIR)/scripts$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help
 help: ## show this help
 	@grep -hE '^[a-zA-Z_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
+# The project's own tooling, installed once per change of requirements-dev.txt (every target that needs it
+# depends on this stamp, so a fresh clone needs no separate install step).
+DEV_STAMP := .cache/requirements-dev.stamp
+$(DEV_STAMP): requirements-dev.txt
+	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@mkdir -p $(dir $@) && touch $@
+
 .PHONY: install-dev
-install-dev: ## install the project's own tooling (pytest, tox, tox-uv, uv, ruff)
-	$(PYTHON) -m pip install -q -r requirements-dev.txt
+install-dev: $(DEV_STAMP) ## install the project's own tooling (pytest, tox, tox-uv, uv, ruff); the targets below do it themselves
 
 .PHONY: demo
-demo: ## the main job: a fresh env of sentence-transformers $(VERSION), apply its series, run the conformance suite
-	$(PYTHON) -m tox -r -e st-$(VERSION)
+demo: $(DEV_STAMP) ## the main job: a fresh env of sentence-transformers $(VERSION), apply its series, run the conformance suite, report
+	@status=0; $(PYTHON) -m tools.matrix --versions "$(VERSION)" --force --recreate || status=$$?; \
+		$(MAKE) --no-print-directory report; exit $$status
 
 .PHONY: test
-test: test-project test-conformance ## what CI runs: the project's tests, then the conformance suite on one release per minor line
+test: lint test-project test-conformance ## what CI runs: lint, the project's tests, then the conformance suite on one release per minor line
 
 .PHONY: test-project
-test-project: ## the project's tests: generated files, CLI on every release (sdist + wheel), forks, numerics
+test-project: $(DEV_STAMP) ## the project's tests: generated files, CLI on every release (sdist + wheel), forks, numerics
 	$(PYTHON) -m pytest tests -n $(JOBS) --junitxml results/project-tests.xml
 
 .PHONY: test-conformance
-test-conformance: ## the conformance suite, series applied, on the newest release of every minor line (2.4 ... 6.2)
-	@status=0; $(PYTHON) -m scripts.st_patch.matrix --versions "$$($(PYTHON) -m scripts.st_patch.releases --minor-lines)" \
+test-conformance: $(DEV_STAMP) ## the conformance suite, series applied, on the newest release of every minor line (2.4 ... 6.2)
+	@status=0; $(PYTHON) -m tools.matrix --versions "$$($(PYTHON) -m tools.releases --minor-lines)" \
 		|| status=$$?; $(MAKE) --no-print-directory report; exit $$status
 
 .PHONY: test-fast
@@ -41,33 +50,37 @@ test-fast: ## the project's tests without the ones that create environments or d
 
 .PHONY: matrix
 matrix: ## conformance suite per release, JOBS at a time, resumable: VERSIONS="3.3.1 5.3.0" LANE=newest|oldest|both FORCE=1 RECREATE=1
-	$(PYTHON) -m scripts.st_patch.matrix --lane $(or $(LANE),newest) $(if $(VERSIONS),--versions "$(VERSIONS)") \
+	$(PYTHON) -m tools.matrix --lane $(or $(LANE),newest) $(if $(VERSIONS),--versions "$(VERSIONS)") \
 		$(if $(filter command line environment,$(origin JOBS)),--jobs $(JOBS)) \
 		$(if $(filter-out 0,$(FORCE)),--force) $(if $(filter-out 0,$(RECREATE)),--recreate)
 
 .PHONY: report
 report: ## merge results/*.json into report/report.md (a PR comment) and report/report.html
-	$(PYTHON) -m scripts.st_patch.report --results results --out report
+	$(PYTHON) -m tools.report --results results --out report
 
 .PHONY: series
 series: ## regenerate patches/series and patches/manifest.json from patches/source and releases.toml
-	$(PYTHON) -m scripts.st_patch.series
+	$(PYTHON) -m tools.series
 
 .PHONY: tox.ini
 tox.ini: ## regenerate tox.ini from releases.toml
-	$(PYTHON) -m scripts.st_patch.toxgen
+	$(PYTHON) -m tools.toxgen
 
 .PHONY: readme
 readme: ## regenerate the README's support table from the manifest
-	$(PYTHON) -m scripts.st_patch.readme
+	$(PYTHON) -m tools.readme
 
 .PHONY: check-generated
 check-generated: ## fail if patches/, tox.ini or the README table differ from what their sources generate
-	$(PYTHON) -m scripts.st_patch.series --check
-	$(PYTHON) -m scripts.st_patch.toxgen --check
-	$(PYTHON) -m scripts.st_patch.readme --check
+	$(PYTHON) -m tools.series --check
+	$(PYTHON) -m tools.toxgen --check
+	$(PYTHON) -m tools.readme --check
+
+.PHONY: review
+review: ## for reviewers: ARGS="--release 3.3.1" (patched files vs upstream's native code), "--range-diff A B", "--adjacent"
+	$(PYTHON) -m tools.review $(ARGS)
 
 .PHONY: lint
-lint: ## ruff check + format check
+lint: $(DEV_STAMP) ## ruff check + format check (the shipped tool as Python 3.8: scripts/st_patch/ruff.toml)
 	$(PYTHON) -m ruff check scripts conformance tests
 	$(PYTHON) -m ruff format --check scripts conformance tests

@@ -1,4 +1,8 @@
-"""Shared test set-up: ``scripts/`` on sys.path, and a tiny synthetic release + patch series for the CLI."""
+"""Shared test set-up: a tiny synthetic release + patch series for the CLI, and the in-process CLI fixtures.
+
+``scripts/`` is on sys.path through pytest's ``pythonpath`` (pyproject.toml): the tests import ``st_patch``
+(the shipped tool) and ``tools`` (the maintainers' automation).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "scripts") not in sys.path:
-    sys.path.insert(0, str(ROOT / "scripts"))
 
 SYNTHETIC_SERIES = "backport-9.9"
 _IDENTITY = ["-c", "user.name=Upstream", "-c", "user.email=upstream@example.invalid", "-c", "commit.gpgsign=false"]

@@ -9,11 +9,9 @@ import sys
 from pathlib import Path
 
 from filelock import FileLock
+from tools import dists, releases, toxenv
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from st_patch import dists, releases, toxenv  # noqa: E402
 
 CLI = ROOT / "scripts" / "st-patch"
 MANIFEST = json.loads((ROOT / "patches" / "manifest.json").read_text())
@@ -60,5 +58,5 @@ def release_python(version: str) -> Path:
 
 
 def tox_environ() -> dict[str, str]:
-    """The environment `make` gives tox (see scripts/st_patch/toxenv.py)."""
+    """The environment `make` gives tox (see scripts/tools/toxenv.py)."""
     return toxenv.tox_environ()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import fcntl
 import json
@@ -328,17 +327,6 @@ def test_runs_on_python_3_8(make_target, synthetic):
         )
         assert proc.returncode == 0, proc.stdout
     assert snapshot(root) == original
-
-
-def test_sources_are_python_3_8_syntax():
-    for path in [CLI] + sorted((ROOT / "scripts" / "st_patch").glob("*.py")):
-        if path.name not in ("st-patch", "cli.py", "manifest.py", "targets.py", "apply.py", "record.py"):
-            continue
-        source = path.read_text()
-        ast.parse(source, str(path), feature_version=(3, 8))
-        assert "tomllib" not in source
-        if path.suffix == ".py":
-            assert "from __future__ import annotations" in source, path
 
 
 # ------------------------------------------------------------------ real releases, real manifest

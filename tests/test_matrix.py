@@ -15,8 +15,8 @@ import textwrap
 import time
 
 import pytest
-from st_patch import matrix, toxgen
 from support import ROOT, TABLE
+from tools import matrix, toxgen
 
 
 def test_select_all_some_and_unknown():
@@ -137,7 +137,7 @@ def test_make_passes_the_variables():
         check=True,
     )
     command = " ".join(result.stdout.replace("\\\n", " ").split())
-    assert '-m scripts.st_patch.matrix --lane oldest --versions "3.3.1 5.3.0" --jobs 3 --force' in command
+    assert '-m tools.matrix --lane oldest --versions "3.3.1 5.3.0" --jobs 3 --force' in command
     result = subprocess.run(["make", "-n", "matrix"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "--jobs" not in result.stdout and "--force" not in result.stdout  # default: core count, resumable
 

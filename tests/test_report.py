@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from html.parser import HTMLParser
 
-from st_patch import report
+from tools import report
 
 URL = "https://github.com/huggingface/sentence-transformers/issues/3100"
 

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from st_patch import releases, review
+from tools import releases, review
 
 MATRYOSHKA = "sentence_transformers/losses/MatryoshkaLoss.py"
 

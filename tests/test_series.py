@@ -8,8 +8,8 @@ import os
 import subprocess
 
 import pytest
-from st_patch import dists, recipes
 from support import MANIFEST, PATCHED, ROOT, TABLE, fork_from_sdist, git, release_python, st_patch, tox_environ
+from tools import dists, recipes
 
 FORK_TEST = "tests/test_matryoshka_cached_losses.py"
 NUMERIC_RELEASES = ["2.4.0", "2.7.0", "3.0.1", "3.3.1"]
@@ -65,7 +65,7 @@ def test_generated_files_are_up_to_date(tmp_path):
     whatever the maintainer's global git configuration says."""
     config = tmp_path / "gitconfig"
     config.write_text(HOSTILE_GIT_CONFIG)
-    for module in ("st_patch.series", "st_patch.toxgen", "st_patch.readme"):
+    for module in ("tools.series", "tools.toxgen", "tools.readme"):
         result = subprocess.run(
             ["python3", "-m", module, "--check"],
             cwd=ROOT / "scripts",

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from st_patch import toxgen
 from support import ROOT, TABLE
+from tools import toxgen
 
 WORKFLOW = ROOT / ".github" / "workflows" / "matrix.yml"
 

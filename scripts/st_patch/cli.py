@@ -126,12 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (short, long) in COMMANDS.items():
         sub.add_parser(name, parents=[common], help=short, description=long, epilog=EXIT_CODES, formatter_class=fmt)
-    sub.add_parser(
-        "review",
-        help="for reviewers: patched files vs upstream's native code, range-diff of adjacent series "
-        "(st-patch review --help)",
-        add_help=False,
-    )
     return parser
 
 
@@ -166,10 +160,6 @@ def _wants_json(argv: List[str]) -> bool:
 
 def main(argv: List[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["review"]:  # a reviewer's aid with options of its own: st-patch review --help
-        from . import review
-
-        return review.main(argv[1:])
     out = Outcome(command=next((a for a in argv if a in COMMANDS), "-"), tool_version=TOOL_VERSION)
     try:
         args = build_parser().parse_args(argv)

@@ -267,7 +267,7 @@ def _advice(version, known, own, closest) -> str:
         tail = (
             "add a row to releases.toml and run `make series`"
             if complete
-            else "the recipes in scripts/st_patch/recipes.py need to learn the rejected hunks' context"
+            else "the recipes in scripts/tools/recipes.py need to learn the rejected hunks' context"
         )
     return lead + base + ": " + tail
 

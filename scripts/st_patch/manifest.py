@@ -151,8 +151,9 @@ def _sort_key(text: str):
 
 
 def default_manifest_path() -> Path:
-    """``<repo>/patches/manifest.json``, located from this file (scripts/st_patch/manifest.py)."""
-    return Path(__file__).resolve().parent.parent.parent / "patches" / "manifest.json"
+    """``patches/manifest.json`` beside this module: in a checkout ``scripts/st_patch/patches`` links
+    to the repository's ``patches/``; an installed st-patch carries them as package data."""
+    return Path(__file__).resolve().parent / "patches" / "manifest.json"
 
 
 def _hashes(obj, where: str) -> Hashes | None:

@@ -2,7 +2,7 @@
 
 uv (through tox-uv) must see pip's ``find-links`` - the local CPU build of torch 2.13.0 - or it
 resolves a multi-GB CUDA build; it reads neither pip's configuration nor its CA settings. The
-Makefile exports the same; ``make matrix``, the tests and ``python -m scripts.st_patch.matrix``
+Makefile exports the same; ``make matrix``, the tests and ``python -m tools.matrix``
 all go through :func:`tox_environ`, so a run started without make behaves the same.
 """
 

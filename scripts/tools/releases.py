@@ -56,9 +56,9 @@ def minor_lines(table: list[Release] | None = None) -> list[Release]:
     return list(newest.values())
 
 
-if __name__ == "__main__":  # python -m scripts.st_patch.releases --minor-lines
+if __name__ == "__main__":  # python -m tools.releases --minor-lines
     import sys
 
     if sys.argv[1:] != ["--minor-lines"]:
-        sys.exit("usage: python -m scripts.st_patch.releases --minor-lines")
+        sys.exit("usage: python -m tools.releases --minor-lines")
     print(" ".join(r.version for r in minor_lines()))

@@ -14,7 +14,7 @@ Three lanes of environments per release, all on torch 2.13.0:
 
 Each environment applies the release's series (if any) to its own installed sentence-transformers
 with ``scripts/st-patch`` and runs the conformance suite with JUnit and JSON output under
-``results/``. The CI workflow runs one job per release (``scripts/st_patch/matrix.py`` underneath)
+``results/``. The CI workflow runs one job per release (``scripts/tools/matrix.py`` underneath)
 and a final report job. ``--check`` (``make check-generated``) fails when either file is not what
 the table generates. ``--verify-pins`` checks with ``uv pip compile`` that every release resolves
 with its pin set (run it after adding a release row or changing ``[pins]``).
@@ -135,7 +135,7 @@ ACTIONS = {
 }
 
 WORKFLOW_TEXT = """\
-# GENERATED from releases.toml by `make tox.ini` (scripts/st_patch/toxgen.py) - do not edit by hand.
+# GENERATED from releases.toml by `make tox.ini` (scripts/tools/toxgen.py) - do not edit by hand.
 # One job per release and lane: a tox environment with the release's pins (or its date's
 # dependencies), its series applied, the conformance suite; then one job merges the results
 # into report/report.md (the job summary) and report/report.html (an artifact).
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if argv:
-        print("usage: python -m scripts.st_patch.toxgen [--check | --verify-pins]", file=sys.stderr)
+        print("usage: python -m tools.toxgen [--check | --verify-pins]", file=sys.stderr)
         return 2
     for path, text in outputs().items():
         path.parent.mkdir(parents=True, exist_ok=True)
