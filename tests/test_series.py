@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
+import tomllib
 
 import pytest
 from support import MANIFEST, PATCHED, ROOT, TABLE, fork_from_sdist, git, release_python, st_patch, tox_environ
@@ -28,13 +30,42 @@ def test_manifest_covers_every_release_of_the_table():
             assert states["patched"], f"{name}: {path} has no patched hash"
 
 
+UPSTREAM_URL = "https://github.com/huggingface/sentence-transformers"
+
+
+def _dep3(text: str) -> dict[str, str]:
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and key in ("Description", "Origin", "Bug", "Forwarded", "Applied-Upstream"):
+            fields.setdefault(key, value.strip())
+    return fields
+
+
 def test_series_carry_dep3_fields_and_trailer():
     for name, entry in MANIFEST["series"].items():
         for patch in entry["patches"]:
             text = (ROOT / "patches" / "series" / name / patch).read_text()
-            for field in ("Description:", "Origin:", "Bug:", "Forwarded:", "Applied-Upstream:"):
-                assert f"\n{field}" in text, f"{name}/{patch} lacks {field}"
+            fields = _dep3(text)
+            assert set(fields) == {"Description", "Origin", "Bug", "Forwarded", "Applied-Upstream"}, (name, patch)
             assert f"\nSt-Patch-Series: {name}\n" in text
+
+
+@pytest.mark.parametrize(
+    "message", sorted((ROOT / "patches" / "source" / "messages").glob("*.txt")), ids=lambda p: p.stem
+)
+def test_dep3_origin_names_upstream_for_backports_and_bug_is_an_issue_or_a_defect(message):
+    """DEP-3: a backport names its upstream commit or PR; Bug: is an upstream issue or a registry defect id."""
+    fields = _dep3(message.read_text())
+    kind, _, where = fields["Origin"].partition(", ")
+    assert kind in ("upstream", "backport", "vendor", "other"), fields["Origin"]
+    if kind in ("upstream", "backport"):
+        assert re.fullmatch(rf"{UPSTREAM_URL}/(commit/[0-9a-f]{{7,40}}|pull/\d+)", where), fields["Origin"]
+    defects = {d["id"] for d in tomllib.loads((ROOT / "conformance" / "expected_failures.toml").read_text())["defect"]}
+    bug = fields["Bug"]
+    assert re.fullmatch(rf"{UPSTREAM_URL}/issues/\d+", bug) or bug in defects, (
+        f"Bug: {bug} is neither an upstream issue nor a defect id of conformance/expected_failures.toml"
+    )
 
 
 def test_recipe_refuses_text_it_does_not_know():
