@@ -16,6 +16,7 @@ exchange, ...) and is interrupted at the N-th one, for every N. After each inter
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -289,3 +290,50 @@ def test_stale_journal_of_another_release_is_removed_never_replayed(states, synt
     assert "nothing was replayed" in result["recovered"]["action"], (at, result)
     assert hand_edit.read_bytes().endswith(b"# local edit\r\n")
     assert not _leftovers(target)
+
+
+def _legacy_journal(target: Path, original: dict, patched_bytes: bytes, release: str = "9.9.9") -> Path:
+    """What st-patch 1.x left when killed half-way through apply: MatryoshkaLoss.py written, its journal kept."""
+    rel = f"{PACKAGE}/losses/MatryoshkaLoss.py"
+    jdir = target / PACKAGE / ".st-patch" / "journal"
+    (jdir / "orig").mkdir(parents=True)
+    (jdir / "new").mkdir()
+    (jdir / "orig" / "0").write_bytes(original[rel])
+    (jdir / "new" / "0").write_bytes(patched_bytes)
+    entry = {
+        "path": rel,
+        "mode": 0o644,
+        "orig": "orig/0",
+        "orig_sha256": hashlib.sha256(original[rel]).hexdigest(),
+        "new": "new/0",
+        "new_sha256": hashlib.sha256(patched_bytes).hexdigest(),
+    }
+    journal = {"format": 1, "op": "apply", "series": "backport-9.9", "release": release, "entries": [entry]}
+    (jdir / "journal.json").write_text(json.dumps(journal))
+    (target / rel).write_bytes(patched_bytes)
+    return target / rel
+
+
+@pytest.mark.parametrize("kind", ["source", "installed"])
+def test_journal_of_st_patch_1_is_rolled_back_file_by_file(kind, states, synthetic, capsys):
+    pristine_root, original, patched, _ = states(kind)
+    rel = f"{PACKAGE}/losses/MatryoshkaLoss.py"
+    path = _legacy_journal(pristine_root, original, patched[rel])
+    code, result = st("status", pristine_root, synthetic.manifest, capsys)
+    assert any("st-patch 1.x" in w for w in result["warnings"]), result
+    assert path.read_bytes() == patched[rel], "status must not write"
+    code, result = st("apply", pristine_root, synthetic.manifest, capsys)
+    assert code == 0 and "1.x" in result["recovered"]["action"], result
+    assert tree(pristine_root) == patched
+    assert st("revert", pristine_root, synthetic.manifest, capsys)[0] == 0 and tree(pristine_root) == original
+
+
+def test_journal_of_st_patch_1_over_a_file_edited_since_is_refused(states, synthetic, capsys):
+    pristine_root, original, patched, _ = states("installed")
+    rel = f"{PACKAGE}/losses/MatryoshkaLoss.py"
+    path = _legacy_journal(pristine_root, original, patched[rel])
+    path.write_bytes(path.read_bytes() + b"# edited after the crash\r\n")
+    before = snapshot(pristine_root)
+    code, result = st("apply", pristine_root, synthetic.manifest, capsys)
+    assert code == 1 and "neither the file it started from nor the one it wrote" in result["error"], result
+    assert snapshot(pristine_root) == before

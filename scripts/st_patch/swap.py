@@ -540,11 +540,27 @@ def commit(
     Returns once the commit point is passed. Raises Interrupted when a signal came before it and
     Refusal / OSError when something failed before it; either way the target is as it started."""
     units = units_for(target, list(changes) + list(remove_dirs))
-    by_unit: Dict[str, Dict[str, bytes | None]] = {u.name: {} for u in units}
-    for rel, data in changes.items():
-        top, rest = _split(rel)
-        by_unit[top][rest] = data
-    journal = {
+    journal = _new_journal(target, op, series, changes)
+    jpath = journal_path(target)
+    _prepare(units, changes, remove_dirs, journal, jpath, guard)
+    with guard.critical():
+        _exchange_all(units, journal, jpath, op)
+        try:  # past the commit point: a failure here leaves litter the next run removes, nothing more
+            _drop(units, jpath)
+        except OSError as exc:
+            guard.cleanup_error = (
+                f"{op} completed, but removing the old copies failed ({exc}); the next run removes them"
+            )
+
+
+def _new_journal(target: Target, op: str, series: str, changes: Dict[str, bytes | None]) -> dict:
+    files = []
+    for rel in sorted(changes):
+        path = target.path(rel)
+        before = sha256(path.read_bytes()) if path.is_file() else None
+        after = sha256(changes[rel]) if changes[rel] is not None else None
+        files.append({"path": rel, "before": before, "after": after})
+    return {
         "format": FORMAT,
         "op": op,
         "series": series,
@@ -552,18 +568,18 @@ def commit(
         "kind": target.kind,
         "started": _now(),
         "units": [],
-        "files": [],
+        "files": files,
     }
-    for rel in sorted(changes):
-        path = target.path(rel)
-        before = sha256(path.read_bytes()) if path.is_file() else None
-        after = sha256(changes[rel]) if changes[rel] is not None else None
-        journal["files"].append({"path": rel, "before": before, "after": after})
-    jpath = journal_path(target)
+
+
+def _prepare(units: List[Unit], changes, remove_dirs, journal: dict, jpath: Path, guard: Guard) -> None:
+    """Build every staged copy, then write the journal (renamed into place: complete or absent). On any
+    failure or signal, remove what was built: nothing was changed."""
     try:
         for unit in units:
+            inside = {_split(rel)[1]: data for rel, data in changes.items() if _split(rel)[0] == unit.name}
             removing = [_split(d)[1] for d in remove_dirs if _split(d)[0] == unit.name]
-            _stage(unit, by_unit[unit.name], removing)
+            _stage(unit, inside, removing)
             journal["units"].append(
                 {
                     "name": unit.name,
@@ -572,7 +588,7 @@ def commit(
                     "staged_ino": identity(unit.staged),
                 }
             )
-        draft = jpath.with_name(jpath.name + NEW)  # complete or absent: renamed into place
+        draft = jpath.with_name(jpath.name + NEW)
         remove_tree(draft)
         write_file(draft, (json.dumps(journal, indent=2) + "\n").encode("utf-8"))
         os.rename(str(draft), str(jpath))
@@ -589,35 +605,35 @@ def commit(
         if isinstance(exc, OSError):
             raise Refusal(f"cannot prepare the new files: {exc}; nothing was changed") from None
         raise
-    with guard.critical():
-        done: List[Unit] = []
-        try:
-            for unit in units:
-                if not exchange(unit.live, unit.staged):
-                    os.rename(str(unit.live), str(unit.old))
-                    os.rename(str(unit.staged), str(unit.live))
-                done.append(unit)
-                fsync_dir(unit.live.parent)
-        except BaseException as exc:
-            if len(done) == len(units):  # the commit point passed; cleanup below
-                pass
-            else:
-                for unit, rec in zip(reversed(done), reversed(journal["units"][: len(done)])):
-                    _undo_exchange(unit, rec)
-                if identity(units[len(done)].live) is None and identity(units[len(done)].old) is not None:
-                    os.rename(str(units[len(done)].old), str(units[len(done)].live))
-                for unit in units:
-                    remove_tree(unit.staged)
-                    remove_tree(unit.old)
-                jpath.unlink()
-                raise Refusal(f"{op} failed ({exc}); every directory was put back, nothing was changed") from None
-        try:  # past the commit point: a failure here leaves litter the next run removes, nothing more
-            for unit in units:
-                remove_tree(unit.staged)
-                remove_tree(unit.old)
-            jpath.unlink()
-            fsync_dir(jpath.parent)
-        except OSError as exc:
-            guard.cleanup_error = (
-                f"{op} completed, but removing its old copies failed ({exc}); the next run removes them"
-            )
+
+
+def _exchange_all(units: List[Unit], journal: dict, jpath: Path, op: str) -> None:
+    """Exchange every unit, the package last (the commit point); a failure before it puts back the units
+    already exchanged and raises Refusal."""
+    done: List[Unit] = []
+    try:
+        for unit in units:
+            if not exchange(unit.live, unit.staged):
+                os.rename(str(unit.live), str(unit.old))
+                os.rename(str(unit.staged), str(unit.live))
+            done.append(unit)
+            fsync_dir(unit.live.parent)
+    except BaseException as exc:
+        if len(done) == len(units):  # the commit point passed
+            return
+        for unit, rec in zip(reversed(done), reversed(journal["units"][: len(done)])):
+            _undo_exchange(unit, rec)
+        failed = units[len(done)]
+        if identity(failed.live) is None and identity(failed.old) is not None:
+            os.rename(str(failed.old), str(failed.live))
+        _drop(units, jpath)
+        raise Refusal(f"{op} failed ({exc}); every directory was put back, nothing was changed") from None
+
+
+def _drop(units: List[Unit], jpath: Path) -> None:
+    for unit in units:
+        remove_tree(unit.staged)
+        remove_tree(unit.old)
+    with contextlib.suppress(FileNotFoundError):
+        jpath.unlink()
+    fsync_dir(jpath.parent)

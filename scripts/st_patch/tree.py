@@ -15,7 +15,7 @@ from typing import Dict, List
 
 from . import __version__ as TOOL_VERSION
 from . import record as rec
-from . import swap
+from . import recovery, swap
 from . import targets as tg
 from .outcome import FAIL, OK, Refusal
 from .resolve import Context
@@ -127,83 +127,17 @@ class TreeBackend:
         pending = swap.inspect(self.target)
         if pending is not None:
             self.out.pending = pending.to_json()
-            if pending.problem and pending.committed is None and pending.journal is not None:
-                self.out.warn(
-                    f"found the journal of an interrupted run ({pending.path}): {pending.problem}; "
-                    f"the next apply or revert removes it without replaying it"
-                )
-            elif pending.problem:
-                self.out.warn(
-                    f"found the journal of an interrupted run ({pending.path}), which cannot be replayed: "
-                    + pending.problem
-                )
-            elif pending.committed:
-                self.out.warn(
-                    f"an interrupted {pending.journal['op']} had passed its commit point; the next apply or revert "
-                    "removes what it left behind"
-                )
-            else:
-                self.out.warn(
-                    f"an interrupted {pending.journal['op']} was stopped before its commit point (the target is as "
-                    f"it was before it); the next apply or revert removes what it left behind"
-                )
-        stray = [p for p in swap.leftovers(self.target)]
-        if stray and pending is None:
-            self.out.warn(
-                "left behind by an earlier run: {}; the next apply or revert removes them".format(
-                    ", ".join(map(str, stray))
-                )
-            )
-        if self.target.legacy_journal.is_file():
-            self.out.warn(
-                f"found the journal of an st-patch 1.x run that was interrupted ({self.target.legacy_journal}); "
-                f"the next apply or revert rolls it back"
-            )
+        for text in recovery.describe(self.target, pending):
+            self.out.warn(text)
         return pending
 
     def _recover(self) -> None:
         """apply/revert: finish whatever an interrupted run left, before anything else."""
-        recovered = swap.recover(self.target, self.guard)
-        legacy = self._recover_legacy()
-        if recovered or legacy:
-            self.out.recovered = recovered or legacy
-            self.out.note((recovered or legacy)["action"])
+        recovered = recovery.recover(self.target, self.ctx.version, self.guard)
+        if recovered:
+            self.out.recovered = recovered
+            self.out.note(recovered["action"])
         self.guard.raise_pending()
-
-    def _recover_legacy(self) -> dict | None:
-        """Roll back a journal that st-patch 1.x left in the package, file by file checked."""
-        jfile = self.target.legacy_journal
-        if not jfile.is_file():
-            return None
-        jdir = jfile.parent
-        try:
-            journal = json.loads(jfile.read_text(encoding="utf-8"))
-            entries = journal["entries"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise Refusal(
-                f"the journal {jfile} is unreadable ({exc}); reinstall the package and delete {jdir}"
-            ) from None
-        if journal.get("release") != self.ctx.version:
-            changes: Dict[str, bytes | None] = {}
-        else:
-            changes = {}
-            for entry in entries:
-                path = self.target.path(entry["path"])
-                got = swap.sha256(path.read_bytes()) if path.is_file() else None
-                if got not in (entry.get("orig_sha256"), entry.get("new_sha256")):
-                    raise Refusal(
-                        f"found the journal of an interrupted st-patch 1.x run ({jfile}), but {entry['path']} is "
-                        f"neither the file it started from nor the one it wrote (sha256 {got}). Nothing was changed. "
-                        f"To fix: {reinstall_hint(self.target, self.ctx.version)}, then delete {jdir}"
-                    )
-                if got != entry.get("orig_sha256"):
-                    changes[entry["path"]] = (jdir / entry["orig"]).read_bytes() if entry.get("orig") else None
-        rel = jdir.relative_to(self.target.root).as_posix()
-        swap.commit(self.target, "recover", journal.get("series") or "?", changes, self.guard, remove_dirs=[rel])
-        return {
-            "action": f"rolled back the interrupted st-patch 1.x {journal.get('op')} from {jfile}",
-            "files": sorted(changes),
-        }
 
     def _refuse_unless_clean(self, states: List[FileState], action: str) -> str:
         state = tg.overall(states)
