@@ -96,3 +96,19 @@ def test_console_script_installs_and_runs_with_its_series(tmp_path):
     result = json.loads(proc.stdout)
     assert proc.returncode == 0 and result["action"] == "would-apply", proc.stdout + proc.stderr
     assert result["manifest"].startswith(str(venv)), "the installed command must use its own copy of the series"
+
+
+def test_every_function_is_under_80_lines_and_every_class_under_250():
+    """The project stays readable: long functions and classes are split where they grow (project code only)."""
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    too_long = []
+    for rel in files:
+        if rel.startswith("patches/series/"):
+            continue
+        for node in ast.walk(ast.parse((ROOT / rel).read_text(), rel)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                length = node.end_lineno - node.lineno + 1
+                limit = 250 if isinstance(node, ast.ClassDef) else 80
+                if length >= limit:
+                    too_long.append(f"{rel}:{node.lineno} {node.name} ({length} lines)")
+    assert not too_long, "split these: " + "; ".join(too_long)
