@@ -8,7 +8,7 @@ git repository and exported with ``git format-patch``, so a series is a reviewab
 ``git am`` applies to a fork.
 
 Editing a series therefore never means editing a diff: change ``patches/source/`` (or a recipe here)
-and run ``make series``; ``make series-check`` (run by the tests) fails when the committed series are
+and run ``make series``; ``make check-generated`` (run by the tests) fails when the committed series are
 not what the source generates.
 """
 
@@ -18,12 +18,12 @@ import argparse
 import filecmp
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from st_patch import gitrun
 
 from . import concerns, dists, recipes, releases
 
@@ -74,9 +74,9 @@ def concerns_for(release: releases.Release, tree: Path) -> list[recipes.Concern]
     return [c for c in candidates if c.applies(tree, release.version)]
 
 
-def _git(repo: Path, *args: str, capture: bool = False) -> str:
-    env = {**os.environ, **GIT_ENV}
-    result = subprocess.run(["git", *args], cwd=repo, env=env, check=True, text=True, capture_output=True)
+def _git(repo: Path, *args: str, capture: bool = False, message: str | None = None) -> str:
+    """git in the scratch repository, isolated from the maintainer's configuration (st_patch.gitrun)."""
+    result = gitrun.run(list(args), repo, env=GIT_ENV, ceiling=repo.parent, input=message)
     return result.stdout if capture else ""
 
 
@@ -105,14 +105,7 @@ def build_series(
             message = (messages / f"{concern.slug}.txt").read_text().rstrip("\n")
             message += f"\n\nSt-Patch-Series: {name}\nSt-Patch-Releases: {', '.join(versions)}\n"
             _git(repo, "add", "-A")
-            subprocess.run(
-                ["git", "commit", "-q", "--cleanup=verbatim", "-F", "-"],
-                cwd=repo,
-                env={**os.environ, **GIT_ENV},
-                input=message,
-                text=True,
-                check=True,
-            )
+            _git(repo, "commit", "-q", "--cleanup=verbatim", "-F", "-", message=message)
         out.mkdir(parents=True)
         _git(repo, "format-patch", "-q", "--zero-commit", "--no-signature", "--full-index", "-o", str(out), base)
         for path in files:
@@ -168,7 +161,7 @@ def _same_tree(a: Path, b: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="st-patch refresh", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="make series", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if patches/ differs from what the source generates")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="st-refresh-") as tmp:
