@@ -343,7 +343,7 @@ def _patched_releases():
 
 def _unpacked(version: str, kind: str, dest: Path) -> Path:
     """A fresh unpacked sdist (its source tree) or wheel (laid out as site-packages) of a release."""
-    from st_patch import dists
+    from tools import dists
 
     return dists.sdist_tree(version, dest) if kind == "sdist" else dists.wheel_tree(version, dest)
 

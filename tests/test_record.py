@@ -97,7 +97,7 @@ def test_apply_lists_added_files_and_revert_restores_record_bytes(make_target, c
 @pytest.mark.slow
 def test_pip_uninstall_after_apply_leaves_nothing(tmp_path):
     """A real wheel installed by pip, patched, then uninstalled by pip: no file of the package is left."""
-    from st_patch import dists
+    from tools import dists
 
     wheel = dists.download("3.3.1", "wheel")
     venv = tmp_path / "venv"
