@@ -25,7 +25,7 @@ $(DEV_STAMP): requirements-dev.txt
 	@mkdir -p $(dir $@) && touch $@
 
 .PHONY: install-dev
-install-dev: $(DEV_STAMP) ## install the project's own tooling (pytest, tox, tox-uv, uv, ruff); the targets below do it themselves
+install-dev: $(DEV_STAMP) ## install the project's own tooling (pytest, tox, tox-uv, uv, ruff, Jinja2); the targets below do it themselves
 
 .PHONY: demo
 demo: $(DEV_STAMP) ## the main job: a fresh env of sentence-transformers $(VERSION), apply its series, run the conformance suite, report
@@ -55,7 +55,7 @@ matrix: ## conformance suite per release, JOBS at a time, resumable: VERSIONS="3
 		$(if $(filter-out 0,$(FORCE)),--force) $(if $(filter-out 0,$(RECREATE)),--recreate)
 
 .PHONY: report
-report: ## merge results/*.json into report/report.md (a PR comment) and report/report.html
+report: $(DEV_STAMP) ## merge results/*.json into report/report.md (a PR comment) and report/report.html
 	$(PYTHON) -m tools.report --results results --out report
 
 .PHONY: series

@@ -1,4 +1,5 @@
-"""make matrix: selection, freshness (resumable), retry on a stale environment, progress and exit code.
+"""make matrix: selection, freshness (resumable), retry on a stale environment, progress and exit code;
+one definition of "passed" with the report.
 
 tox itself is replaced by a small fake, so these tests are fast; the slow test creates one real
 environment of each lane.
@@ -16,7 +17,7 @@ import time
 
 import pytest
 from support import ROOT, TABLE
-from tools import matrix, toxgen
+from tools import matrix, report, results, toxgen
 
 
 def test_select_all_some_and_unknown():
@@ -43,11 +44,12 @@ def _fake_root(tmp_path):
     return root
 
 
-def _results(job, status="passed", exitstatus=0):
+def _results(job, status="passed", exitstatus=0, returncode=None):
     job.results.mkdir(parents=True, exist_ok=True)
-    job.json_path.write_text(
-        json.dumps({"release": job.version, "exitstatus": exitstatus, "checks": [{"id": "a", "status": status}]})
-    )
+    summary = {"release": job.version, "state": "patched", "series": None, "exitstatus": exitstatus}
+    job.json_path.write_text(json.dumps({**summary, "checks": [{"id": "a", "status": status}]}))
+    if returncode is not None:
+        job.run_path.write_text(json.dumps({"lane": job.lane, "seconds": 1.0, "returncode": returncode}))
 
 
 def test_freshness_follows_the_inputs(tmp_path):
@@ -68,6 +70,22 @@ def test_summarize_counts_and_outcome(tmp_path):
     assert matrix.summarize(job.json_path) == (False, "1 xpassed")
     _results(job, "xfailed")
     assert matrix.summarize(job.json_path) == (True, "1 xfailed")
+    _results(job, "passed", returncode=1)  # the suite passed, the tox run did not: its .run.json says so
+    assert matrix.summarize(job.json_path) == (False, "1 passed")
+    assert matrix.summarize(job.json_path, {"returncode": 0}) == (True, "1 passed")
+
+
+def test_matrix_and_report_share_one_definition_of_passed(tmp_path, monkeypatch):
+    job = matrix.Job("3.3.1", "newest", results=tmp_path)
+    _results(job, "passed", returncode=1)
+    (run,), _warnings = results.load(tmp_path)
+    assert matrix.summarize(job.json_path)[0] is False and run.passed is False
+    assert matrix.cached_outcome(job).status == "fail"
+    assert "**0/1 runs passed** — failing: newest 3.3.1" in report.render_markdown([run])
+    # the rule is results.Run.passed: changing it there changes the matrix and the report alike
+    monkeypatch.setattr(results.Run, "passed", property(lambda self: self.release == "3.3.1"))
+    assert matrix.summarize(job.json_path)[0] is True and matrix.cached_outcome(job).status == "pass"
+    assert "**1/1 runs passed**" in report.render_markdown(results.load(tmp_path)[0])
 
 
 FAKE_TOX = textwrap.dedent(
@@ -81,8 +99,10 @@ FAKE_TOX = textwrap.dedent(
         sys.exit(1)
     status = "failed" if env.startswith("st-2.5.0") else "passed"
     with open(os.path.join(results, env + ".json"), "w") as fh:
-        checks = [{"id": "c", "status": status}]
-        json.dump({"release": env, "exitstatus": int(status == "failed"), "checks": checks}, fh)
+        checks = [{"id": "c", "status": status, "defects": []}]
+        series = {"name": "backport-" + env[3:], "kind": "installed", "applied": None, "tool_version": "2.0.0"}
+        summary = {"release": env[3:], "state": "patched", "series": series, "defects": {}}
+        json.dump({**summary, "exitstatus": int(status == "failed"), "checks": checks}, fh)
     sys.exit(int(status == "failed"))
     """
 )
@@ -90,19 +110,18 @@ FAKE_TOX = textwrap.dedent(
 
 def test_run_parallel_resumable_with_retry_on_a_stale_env(tmp_path, monkeypatch):
     root = _fake_root(tmp_path)
-    results = tmp_path / "results"
+    results_dir = tmp_path / "results"
     envdir = root / ".tox"
     fake = tmp_path / "fake_tox.py"
     fake.write_text(FAKE_TOX)
-    monkeypatch.setenv("FAKE_RESULTS", str(results))
+    monkeypatch.setenv("FAKE_RESULTS", str(results_dir))
     monkeypatch.setenv("FAKE_ENVDIR", str(envdir))
     monkeypatch.setattr(
         matrix, "tox_command", lambda job, recreate: [sys.executable, str(fake), job.env] + (["-r"] if recreate else [])
     )
-    monkeypatch.setattr(matrix, "_st_patch_status", lambda job, root: {"series": job.series, "kind": "installed"})
     (envdir / "st-2.4.0").mkdir(parents=True)
     (envdir / "st-2.4.0" / "stale").write_text("")  # patched by an older series: apply refuses
-    jobs = [matrix.Job(v, "newest", series=None, results=results) for v in ("2.4.0", "2.5.0", "2.6.0")]
+    jobs = [matrix.Job(v, "newest", series=None, results=results_dir) for v in ("2.4.0", "2.5.0", "2.6.0")]
 
     out = io.StringIO()
     assert matrix.run(jobs, parallel=2, force=False, recreate=False, root=root, out=out) == 1
@@ -115,9 +134,10 @@ def test_run_parallel_resumable_with_retry_on_a_stale_env(tmp_path, monkeypatch)
     assert " pass " in by_env["st-2.6.0"] and " ran " in by_env["st-2.6.0"]
     assert "matrix: 2/3 passed (3 ran, 0 cached)" in out.getvalue()
     assert "FAILED st-2.5.0" in out.getvalue()
-    record = json.loads((results / "st-2.4.0.run.json").read_text())
+    record = json.loads((results_dir / "st-2.4.0.run.json").read_text())
     assert record["recreated"] is True and record["returncode"] == 0 and record["lane"] == "newest"
-    assert "recreating the environment" in (results / "logs" / "st-2.4.0.log").read_text()
+    assert "st_patch" not in record  # which series is applied is the conformance JSON's
+    assert "recreating the environment" in (results_dir / "logs" / "st-2.4.0.log").read_text()
 
     out = io.StringIO()  # again: every result is fresh, the failure is remembered
     assert matrix.run(jobs, parallel=2, force=False, recreate=False, root=root, out=out) == 1
