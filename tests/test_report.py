@@ -7,8 +7,14 @@ nothing is recovered from messages, and "passed" has one definition (``results.R
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import struct
+import subprocess
 from html.parser import HTMLParser
 
+import pytest
 from tools import report, results
 
 URL = "https://github.com/huggingface/sentence-transformers/issues/3100"
@@ -261,3 +267,64 @@ def test_group_of_and_links():
         f"{URL}#issuecomment-1",
         "https://github.com/huggingface/sentence-transformers/issues/3068",
     ]
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",  # as root, and where user namespaces are restricted; the page is a local file
+    "--disable-gpu",
+    "--hide-scrollbars",
+    "--enable-logging=stderr",  # with --v=0 the page's console messages reach stderr: "INFO:CONSOLE:<line>] ..."
+    "--v=0",
+]
+WINDOW = (1400, 1000)
+
+
+def _chromium() -> str:
+    """The Chromium binary; missing, the test fails in CI (``make install-dev`` installs it) and skips elsewhere."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe:
+        return exe
+    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+        pytest.fail("chromium is missing: `make install-dev` installs it (apt-get install chromium)")
+    pytest.skip("chromium is not installed (`make install-dev` installs it where apt-get is available)")
+
+
+def _open_in_chromium(page, tmp_path) -> tuple[bytes, list[str]]:
+    """A headless Chromium screenshot of ``page`` and the console messages the page logged."""
+    shot = tmp_path / f"{page.stem}.png"
+    command = [
+        _chromium(),
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        f"--screenshot={shot}",
+        page.as_uri(),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-3000:]
+    console = [ln for ln in result.stderr.splitlines() if re.search(r":CONSOLE[:(]", ln)]
+    return shot.read_bytes(), console
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_html_report_opens_in_chromium_without_console_errors(tmp_path):
+    out = tmp_path / "report"
+    assert report.main(["--results", str(_results(tmp_path)), "--out", str(out)]) == 0
+    png, console = _open_in_chromium(out / "report.html", tmp_path)
+    assert console == []
+    assert _png_size(png) == WINDOW
+    blank = tmp_path / "blank.html"
+    blank.write_text('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>-</title></head></html>')
+    blank_png, _console = _open_in_chromium(blank, tmp_path)
+    assert len(png) > 3 * len(blank_png), (len(png), len(blank_png))  # tables, colours, text: not an empty page
+    # the console check sees what a broken page logs
+    broken = tmp_path / "broken.html"
+    text = (out / "report.html").read_text()
+    broken.write_text(text.replace("</body>", "<script>console.error('broken'); no_such_function();</script></body>"))
+    _png, console = _open_in_chromium(broken, tmp_path)
+    assert any('"broken"' in ln for ln in console) and any("no_such_function" in ln for ln in console), console
