@@ -1,8 +1,8 @@
 """make matrix: selection, freshness (resumable), retry on a stale environment, progress and exit code;
-one definition of "passed" with the report.
+one definition of "passed" with the report; make demo's series column.
 
-tox itself is replaced by a small fake, so these tests are fast; the slow test creates one real
-environment of each lane.
+tox itself is replaced by a small fake, so these tests are fast; the slow tests create one real
+environment of each lane and run make demo once.
 """
 
 from __future__ import annotations
@@ -148,6 +148,65 @@ def test_run_parallel_resumable_with_retry_on_a_stale_env(tmp_path, monkeypatch)
     assert "(1 ran, 0 cached)" in out.getvalue()
 
 
+# A tox run as make demo's: install (a package of the release), `st-patch apply` (its state record, as
+# scripts/st_patch/tree.py writes it), then the conformance suite, whose JSON takes release, state and
+# series from conformance/env.py reading that package.
+FAKE_DEMO_TOX = textwrap.dedent(
+    """
+    import json, os, sys
+    from types import SimpleNamespace
+    env_name, root, version = sys.argv[1], os.environ["FAKE_ROOT"], os.environ["FAKE_VERSION"]
+    site = os.path.join(os.environ["FAKE_ENVDIR"], env_name, "lib", "python3.11", "site-packages")
+    pkg = os.path.join(site, "sentence_transformers")
+    os.makedirs(os.path.join(pkg, ".st-patch"), exist_ok=True)
+    with open(os.path.join(pkg, "__init__.py"), "w") as fh:
+        fh.write(f'__version__ = "{version}"\\n')
+    sys.path[:0] = [site, root, os.path.join(root, "scripts")]
+    from st_patch import tree
+    series = SimpleNamespace(name=os.environ["FAKE_SERIES"], patches=["0001-x.patch"], files={})
+    target = SimpleNamespace(kind="installed", in_scope=lambda rel: True)
+    record = tree.state_record(SimpleNamespace(series=series, version=version, detected=False, target=target))
+    with open(os.path.join(pkg, ".st-patch", tree.STATE_FILE), "w") as fh:
+        json.dump(record, fh)
+    from conformance import env
+    checks = [{"id": "conformance/test_a.py::test_b", "status": "passed", "defects": []}]
+    summary = {"release": env.RELEASE, "state": env.STATE, "series": env.SERIES, "exitstatus": 0}
+    with open(os.path.join(os.environ["FAKE_RESULTS"], env_name + ".json"), "w") as fh:
+        json.dump({**summary, "defects": {}, "checks": checks}, fh)
+    """
+)
+
+
+def test_demo_flow_reports_the_series_it_applied(tmp_path, monkeypatch):
+    """make demo = `tools.matrix --versions VERSION --force --recreate`, then `make report`: the report's
+    series column names the series applied in that run's environment."""
+    # PYTHON=echo: make -n still runs the recipe line that calls $(MAKE); echo shows what it would run
+    make = ["make", "-n", "demo", "VERSION=2.7.0", "PYTHON=echo"]
+    lines = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines.index("-m tools.matrix --versions 2.7.0 --force --recreate") < lines.index(
+        "echo -m tools.report --results results --out report"
+    )
+    (job,) = matrix.select(["2.7.0"], "newest")
+    job.results = tmp_path / "results"
+    job.results.mkdir()
+    fake = tmp_path / "fake_tox.py"
+    fake.write_text(FAKE_DEMO_TOX)
+    for key, value in {
+        "FAKE_ROOT": str(ROOT),
+        "FAKE_VERSION": "2.7.0",
+        "FAKE_SERIES": job.series,
+        "FAKE_ENVDIR": str(tmp_path / ".tox"),
+        "FAKE_RESULTS": str(job.results),
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(matrix, "tox_command", lambda job, recreate: [sys.executable, str(fake), job.env])
+    assert matrix.run([job], parallel=1, force=True, recreate=True, root=tmp_path, out=io.StringIO()) == 0
+    assert report.main(["--results", str(job.results), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| 2.7.0 |"))
+    assert job.series == "backport-2.7.0" and row.startswith("| 2.7.0 | backport-2.7.0 (installed, patched) | ✅ 1 |")
+
+
 def test_make_passes_the_variables():
     result = subprocess.run(
         ["make", "-n", "matrix", "VERSIONS=3.3.1 5.3.0", "LANE=oldest", "JOBS=3", "FORCE=1"],
@@ -174,6 +233,19 @@ def test_tox_ini_has_both_lanes():
         section = text.split(f"[testenv:st-{release.version}]\n", 1)[1].split("\n[", 1)[0]
         deps = [d.strip() for d in section.split("deps =", 1)[1].splitlines() if d.strip()]
         assert all("==" in d for d in deps if d not in ("pytest", "pytest-xdist", "packaging")), deps
+
+
+@pytest.mark.slow
+def test_make_demo_reports_the_series():
+    """The real make demo (a fresh environment of 2.7.0, its series applied, the suite, the report)."""
+    subprocess.run(["make", "demo", "VERSION=2.7.0"], cwd=ROOT, check=True)
+    md = (ROOT / "report" / "report.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| 2.7.0 |"))
+    assert row.startswith("| 2.7.0 | backport-2.7.0 (installed, patched) | ✅ "), row
+    summary = json.loads((ROOT / "results" / "st-2.7.0.json").read_text())
+    assert summary["series"]["name"] == "backport-2.7.0" and summary["series"]["kind"] == "installed"
+    xfailed = [c for c in summary["checks"] if c["status"] == "xfailed"]
+    assert xfailed and all(c["defects"] and set(c["defects"]) <= set(summary["defects"]) for c in xfailed)
 
 
 @pytest.mark.slow
