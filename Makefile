@@ -18,14 +18,22 @@ help: ## show this help
 	@grep -hE '^[a-zA-Z_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 # The project's own tooling, installed once per change of requirements-dev.txt (every target that needs it
-# depends on this stamp, so a fresh clone needs no separate install step).
+# depends on this stamp, so a fresh clone needs no separate install step). Chromium (the Debian package)
+# opens the HTML report in the tests; it is installed with apt-get where that exists (as root, or
+# through sudo without a password) and the binary is missing.
 DEV_STAMP := .cache/requirements-dev.stamp
 $(DEV_STAMP): requirements-dev.txt
 	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && command -v apt-get >/dev/null; then \
+		sudo=; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; \
+		echo "installing chromium (apt-get) for the HTML report's browser test"; \
+		{ $$sudo apt-get update -q && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+			|| echo "warning: chromium not installed: the browser test skips here (and fails in CI)" >&2; \
+	fi
 	@mkdir -p $(dir $@) && touch $@
 
 .PHONY: install-dev
-install-dev: $(DEV_STAMP) ## install the project's own tooling (pytest, tox, tox-uv, uv, ruff); the targets below do it themselves
+install-dev: $(DEV_STAMP) ## install the project's own tooling (pytest, tox, tox-uv, uv, ruff, Jinja2; chromium via apt-get); the targets below do it themselves
 
 .PHONY: demo
 demo: $(DEV_STAMP) ## the main job: a fresh env of sentence-transformers $(VERSION), apply its series, run the conformance suite, report
@@ -55,7 +63,7 @@ matrix: ## conformance suite per release, JOBS at a time, resumable: VERSIONS="3
 		$(if $(filter-out 0,$(FORCE)),--force) $(if $(filter-out 0,$(RECREATE)),--recreate)
 
 .PHONY: report
-report: ## merge results/*.json into report/report.md (a PR comment) and report/report.html
+report: $(DEV_STAMP) ## merge results/*.json into report/report.md (a PR comment) and report/report.html
 	$(PYTHON) -m tools.report --results results --out report
 
 .PHONY: series

@@ -4,8 +4,9 @@ Why here: pytest loads this file before collecting the checks, so it is the one 
 - builds the tiny models once per session (per xdist worker) and hands every test a fresh deep copy,
   so a release that leaves a decorated ``model.forward`` behind cannot contaminate the next test;
 - applies the registry of known upstream defects as strict xfails;
-- writes the per-run JSON summary (``--conformance-json PATH``) with the max diffs recorded by
-  :func:`conformance.recording.assert_close_recorded`.
+- writes the per-run JSON summary (``--conformance-json PATH``): release, state, the applied series,
+  the registry's defects of the release, and per check its outcome, the max diffs recorded by
+  :func:`conformance.recording.assert_close_recorded` and the ids of the defects marked on it.
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ def pytest_runtest_logreport(report):
             "max_rel_diff": None,
             "duration": 0.0,
             "message": "",
+            "defects": [],  # ids of the registry's defects marked on this check (registry.apply)
         },
     )
     entry["duration"] += float(getattr(report, "duration", 0.0) or 0.0)
@@ -212,6 +214,8 @@ def pytest_runtest_logreport(report):
         if key in ("max_abs_diff", "max_rel_diff"):
             # JSON has no inf/nan: a shape mismatch or NaN is reported as null plus the failure message
             entry[key] = value if value is None or math.isfinite(value) else None
+        elif key == "defects":
+            entry["defects"] = list(value)
     if report.when == "setup":
         if report.failed:
             entry["status"], entry["message"] = "error", _message(report)
@@ -240,14 +244,17 @@ def pytest_sessionfinish(session, exitstatus):
         return
     import importlib.metadata
 
+    active = [d for d in registry.load() if d.applies(env.RELEASE, env.STATE)]
     summary = {
         "release": env.RELEASE,
         "state": env.STATE,
+        "series": env.SERIES,  # {"name", "kind", "applied", "tool_version"} from st-patch's state record, or null
         "torch": torch.__version__,
         "transformers": importlib.metadata.version("transformers"),
         "python": platform.python_version(),
         "registry_ignored": registry.ignored(),
         "exitstatus": int(exitstatus),
+        "defects": {d.id: {"reason": d.reason, "upstream": d.upstream} for d in active},
         "checks": sorted(_RESULTS.values(), key=lambda e: e["id"]),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -35,21 +36,24 @@ def _release() -> str:
     return importlib.metadata.version("sentence-transformers")
 
 
-def _series_commits(pkg: Path) -> bool:
-    """Whether the checkout holding ``pkg`` has commits of a series (``St-Patch-Series:`` trailer)."""
+def _series_trailer(pkg: Path) -> str | None:
+    """The ``St-Patch-Series:`` trailer of the newest series commit in the checkout holding ``pkg``."""
     import subprocess
 
     try:
         out = subprocess.run(
-            ["git", "log", "-1", "--format=%H", "--grep=^St-Patch-Series: "],
+            ["git", "log", "-1", "--format=%B", "--grep=^St-Patch-Series: "],
             cwd=pkg,
             capture_output=True,
             text=True,
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and bool(out.stdout.strip())
+        return None
+    if out.returncode != 0:
+        return None
+    names = [ln.split(":", 1)[1].strip() for ln in out.stdout.splitlines() if ln.startswith("St-Patch-Series:")]
+    return names[-1] if names else None
 
 
 def detect_state() -> str:
@@ -71,8 +75,32 @@ def detect_state() -> str:
         return "native"
     if (pkg / ".st-patch" / "state.json").is_file() or (pkg / "losses" / "_matryoshka_cache.py").is_file():
         return "patched"
-    return "patched" if (pkg.parent / ".git").exists() and _series_commits(pkg) else "native"
+    return "patched" if (pkg.parent / ".git").exists() and _series_trailer(pkg) else "native"
+
+
+def applied_series() -> dict | None:
+    """The series applied to the importable package, or None (native, or changed by other means).
+
+    From the state record ``st-patch`` writes (``sentence_transformers/.st-patch/state.json``):
+    ``{"name", "kind", "applied", "tool_version"}``, ``kind`` being how it was applied (``installed``,
+    ``source``); in a git checkout, which has no state record, the ``St-Patch-Series:`` trailer of
+    the newest series commit (``kind`` ``git``). The conformance JSON carries it as ``series``.
+    """
+    pkg = _package_dir()
+    if pkg is None:
+        return None
+    path = pkg / ".st-patch" / "state.json"
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return {"name": None, "kind": None, "applied": None, "tool_version": None, "error": str(exc)}
+        keys = {"name": "series", "kind": "kind", "applied": "applied", "tool_version": "tool_version"}
+        return {key: record.get(src) for key, src in keys.items()}
+    name = _series_trailer(pkg) if (pkg.parent / ".git").exists() else None
+    return {"name": name, "kind": "git", "applied": None, "tool_version": None} if name else None
 
 
 RELEASE = _release()
 STATE = detect_state()
+SERIES = applied_series()

@@ -97,7 +97,10 @@ def ignored() -> bool:
 
 
 def apply(items, release: str, state: str, defects: list[Defect] | None = None) -> dict[str, int]:
-    """Add ``xfail(strict=True)`` to matching items; returns {defect id: number of items marked}."""
+    """Add ``xfail(strict=True)`` to matching items; returns {defect id: number of items marked}.
+
+    Each marked item also records the ids of its defects as the user property ``defects`` (a list),
+    which reaches the reports (also from xdist workers): the JSON summary's per-check ``defects``."""
     import pytest
 
     defects = load() if defects is None else defects
@@ -111,6 +114,7 @@ def apply(items, release: str, state: str, defects: list[Defect] | None = None) 
             continue
         reason = "; ".join(f"[{d.id}] {d.reason} ({d.upstream})" for d in hits)
         item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+        item.user_properties.append(("defects", [d.id for d in hits]))
         for d in hits:
             counts[d.id] += 1
     return counts

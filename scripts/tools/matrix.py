@@ -6,9 +6,9 @@
 Each release runs its tox environment (``st-<version>`` or ``st-<version>-oldest``, see tox.ini):
 the release's series is applied to the environment's installed sentence-transformers and the
 conformance suite writes ``results/<env>.json`` and ``results/<env>.xml``. The tox output goes to
-``results/logs/<env>.log``; after the run, ``results/<env>.run.json`` records the wall time, the exit
-code and ``st-patch status --json`` of the environment (which series is applied, and how), which the
-report reads.
+``results/logs/<env>.log``; after the run, ``results/<env>.run.json`` records the lane, the wall time
+and the exit code. Which series is applied, and how, is in the conformance JSON itself (see
+``tools.results``); whether a run passed is ``tools.results.Run.passed``, the report's definition too.
 
 Resumable: a release whose ``results/<env>.json`` is newer than every input of the run is skipped
 (and counted with its recorded outcome) unless ``--force`` (``FORCE=1``). The inputs: tox.ini, the
@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import releases, toxenv, toxgen
+from . import releases, results, toxenv, toxgen
 
 ROOT = releases.ROOT
 RESULTS = ROOT / "results"
@@ -137,20 +137,14 @@ def is_fresh(job: Job, root: Path = ROOT) -> bool:
     return all(p.stat().st_mtime <= mtime for p in inputs(job, root))
 
 
-def summarize(path: Path) -> tuple[bool, str]:
-    """(passed, "41 passed, 3 xfailed") from a conformance JSON."""
+def summarize(path: Path, meta: dict | None = None) -> tuple[bool, str]:
+    """(passed, "41 passed, 3 xfailed") of a conformance JSON and its run metadata (default: the
+    ``.run.json`` beside it): ``results.Run.passed``."""
     try:
-        data = json.loads(path.read_text())
+        run = results.read(path, meta)
     except (OSError, ValueError) as exc:
         return False, f"unreadable results: {exc}"
-    counts: dict[str, int] = {}
-    for check in data.get("checks", []):
-        counts[check.get("status") or "unknown"] = counts.get(check.get("status") or "unknown", 0) + 1
-    order = ("passed", "failed", "error", "xfailed", "xpassed", "skipped")
-    text = ", ".join(f"{counts[k]} {k}" for k in (*order, *sorted(set(counts) - set(order))) if counts.get(k))
-    bad = counts.get("failed", 0) + counts.get("error", 0) + counts.get("xpassed", 0)
-    passed = data.get("exitstatus", 1 if bad else 0) == 0 and not bad
-    return passed, text or "no checks"
+    return run.passed, run.counts_text()
 
 
 # --- running ---------------------------------------------------------------------------------------
@@ -158,35 +152,6 @@ def summarize(path: Path) -> tuple[bool, str]:
 
 def _env_dir(job: Job, root: Path = ROOT) -> Path:
     return root / ".tox" / job.env
-
-
-def _site_packages(job: Job, root: Path = ROOT) -> Path | None:
-    found = sorted(_env_dir(job, root).glob("lib/python3*/site-packages"))
-    return found[0] if found else None
-
-
-def _st_patch_status(job: Job, root: Path = ROOT) -> dict | None:
-    site = _site_packages(job, root)
-    if site is None:
-        return None
-    result = subprocess.run(
-        [sys.executable, str(root / "scripts" / "st-patch"), "status", "--json", "--target", str(site)],
-        capture_output=True,
-        text=True,
-        cwd=root,
-    )
-    try:
-        out = json.loads(result.stdout)
-    except ValueError:
-        return {"error": (result.stderr or result.stdout).strip()[-500:]}
-    release = out.get("release") or {}
-    return {
-        "state": out.get("state"),
-        "series": release.get("series"),
-        "support": release.get("support"),
-        "detected": release.get("detected"),
-        "kind": (out.get("target") or {}).get("kind"),
-    }
 
 
 def tox_command(job: Job, recreate: bool) -> list[str]:
@@ -216,12 +181,6 @@ def run_job(job: Job, *, recreate: bool, workers: int, root: Path = ROOT) -> Out
                 continue
             break
     seconds = time.time() - start
-    outcome = Outcome(job, "fail", seconds, recreated=recreated, returncode=result.returncode)
-    if fresh:
-        passed, outcome.summary = summarize(job.json_path)
-        outcome.status = "pass" if passed and result.returncode == 0 else "fail"
-    else:
-        outcome.summary = f"no results written (tox exit {result.returncode}); see {_rel(job.log_path, root)}"
     record = {
         "env": job.env,
         "release": job.version,
@@ -230,9 +189,14 @@ def run_job(job: Job, *, recreate: bool, workers: int, root: Path = ROOT) -> Out
         "returncode": result.returncode,
         "recreated": recreated,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "st_patch": _st_patch_status(job, root),
     }
     job.run_path.write_text(json.dumps(record, indent=1) + "\n")
+    outcome = Outcome(job, "fail", seconds, recreated=recreated, returncode=result.returncode)
+    if fresh:
+        passed, outcome.summary = summarize(job.json_path, record)
+        outcome.status = "pass" if passed else "fail"
+    else:
+        outcome.summary = f"no results written (tox exit {result.returncode}); see {_rel(job.log_path, root)}"
     return outcome
 
 
@@ -244,12 +208,13 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def cached_outcome(job: Job) -> Outcome:
-    passed, summary = summarize(job.json_path)
-    seconds = 0.0
     try:
-        seconds = float(json.loads(job.run_path.read_text()).get("seconds", 0.0))
-    except (OSError, ValueError, AttributeError):
-        pass
+        meta = results.read_json(job.run_path)
+    except (OSError, ValueError):
+        meta = {}
+    passed, summary = summarize(job.json_path, meta)
+    seconds = meta.get("seconds")
+    seconds = float(seconds) if isinstance(seconds, (int, float)) else 0.0
     return Outcome(job, "pass" if passed else "fail", seconds, cached=True, summary=summary)
 
 

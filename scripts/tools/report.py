@@ -1,12 +1,10 @@
 """Merge conformance results into ``report/report.md`` and ``report/report.html`` (``make report``).
 
-Reads JSON only, and knows nothing about how the results were produced:
-
-- ``<name>.json`` with a ``checks`` list: a conformance summary (``--conformance-json``):
-  ``{"release", "state", "torch", "transformers", "exitstatus", "checks": [{"id", "status",
-  "max_abs_diff", "max_rel_diff", "duration", "message"}]}``;
-- ``<name>.run.json`` (optional, same ``<name>``): ``{"seconds", "lane", "returncode", "st_patch":
-  {"series", "kind", "state", ...}}`` - which series was applied, to what kind of target, wall time.
+Reads the runs of ``tools.results`` (each conformance JSON and the ``.run.json`` that ``make matrix``
+writes beside it) and nothing else: the series and how it was applied, the defect ids of every
+expected failure and their upstream references are fields of the conformance JSON. Whether a run
+passed is ``results.Run.passed`` (the matrix's definition too). The data for the page is prepared
+here; the layout is in ``templates/report.md.j2`` and ``templates/report.html.j2`` (Jinja2).
 
 The Markdown fits a PR comment / job summary and reads top-down in a minute:
 
@@ -20,131 +18,80 @@ The Markdown fits a PR comment / job summary and reads top-down in a minute:
 5. the run × check grid (checks grouped by test function; a cell aggregates its parametrisations)
    in a collapsed block, consecutive runs of a lane with identical rows folded into one.
 
-The lane of a run is the ``lane`` of its ``.run.json``, else the suffix of its name (``st-3.3.1-oldest``).
 "Float64 difference" excludes the float32 checks (``float32`` in the check id): they have their own
 documented tolerance and would hide the float64 figure under float32 rounding.
 The HTML is self-contained (inline CSS, no scripts), has the same summary and the unfolded tables,
-with each failing check's message in the cell's tooltip.
+with each failing check's message (or an expected failure's defects) in the cell's tooltip.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
-import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BAD = ("failed", "error", "xpassed")
+import jinja2
+
+from . import results
+from .results import Check, Run
+
 HOW = {"git": "fork", "source": "sdist", "installed": "installed"}
-URL = re.compile(r"https?://[^\s)\]>,;]+")
+UPSTREAM = "https://github.com/huggingface/sentence-transformers"
+TEMPLATES = Path(__file__).with_name("templates")
 MD_LIMIT = 60000  # GitHub comments hold 65536 characters
 MD_FAILURE_KINDS = 15
 NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+URL = re.compile(r"https?://[^\s)\]>,;]+")
+REF = re.compile(r"(?<![\w/])#(\d{2,6})\b")
+COMMIT = re.compile(r"\bcommit ([0-9a-f]{7,40})\b")
+NOT_REGISTERED = "(not in the registry)"  # an xfail that no registry entry marked
+LANE_ORDER = ("newest", "oldest", "upstream")
+LANE_TITLE = {
+    "newest": "newest (series applied)",
+    "oldest": "oldest (deps of the release date)",
+    "upstream": "upstream (as shipped)",
+}
 
 
-@dataclass
-class Run:
-    name: str
-    release: str
-    state: str
-    checks: list[dict]
-    data: dict
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def failed(self) -> list[dict]:
-        return [c for c in self.checks if c.get("status") in BAD]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failed and int(self.data.get("exitstatus", 0) or 0) in (0, 5) and bool(self.checks)
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for c in self.checks:
-            out[c.get("status") or "unknown"] = out.get(c.get("status") or "unknown", 0) + 1
-        return out
-
-    @property
-    def lane(self) -> str:
-        lane = self.meta.get("lane")
-        if isinstance(lane, str) and lane:
-            return lane
-        suffix = self.name.rsplit("-", 1)[-1]
-        return suffix if suffix in ("oldest", "upstream") else "newest"
-
-    def max_diff(self, keep=lambda check: True) -> tuple[float | None, float | None, str | None]:
-        """(largest max_abs_diff, its max_rel_diff, the check) over the checks that compared numbers
-        and that ``keep`` accepts (see ``is_float64_pass`` / ``is_float32_pass``)."""
-        best: tuple[float | None, float | None, str | None] = (None, None, None)
-        for c in self.checks:
-            value = c.get("max_abs_diff")
-            if keep(c) and isinstance(value, (int, float)) and (best[0] is None or value > best[0]):
-                best = (float(value), c.get("max_rel_diff"), c.get("id"))
-        return best
-
-    @property
-    def series(self) -> str:
-        patch = self.meta.get("st_patch") or {}
-        if not patch:
-            return "?"
-        name = patch.get("series")
-        how = HOW.get(patch.get("kind"), patch.get("kind") or "?")
-        if not name:
-            return f"none ({patch.get('state') or patch.get('support') or 'native'})"
-        return f"{name} ({how}, {patch.get('state') or '?'})"
-
-    @property
-    def seconds(self) -> float | None:
-        value = self.meta.get("seconds")
-        return float(value) if isinstance(value, (int, float)) else None
-
-    @property
-    def check_seconds(self) -> float:
-        return sum(float(c.get("duration") or 0.0) for c in self.checks)
+# --- text helpers ----------------------------------------------------------------------------------
 
 
-def is_float32_pass(check: dict) -> bool:
-    return check.get("status") == "passed" and "float32" in check["id"]
+def one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(str(text or "").split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def is_float64_pass(check: dict) -> bool:
-    return check.get("status") == "passed" and "float32" not in check["id"]
+def md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _version_key(text: str):
-    parts = re.findall(r"\d+|[A-Za-z]+", text)
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+def fmt_diff(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2e}"
 
 
-def load(directory: Path) -> tuple[list[Run], list[str]]:
-    """The conformance runs under ``directory`` (sorted by release, then name) and warnings."""
-    runs, warnings = [], []
-    for path in sorted(Path(directory).glob("*.json")):
-        if path.name.endswith(".run.json"):
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            warnings.append(f"{path.name}: not readable JSON ({exc})")
-            continue
-        if not isinstance(data, dict) or not isinstance(data.get("checks"), list):
-            continue  # not a conformance summary
-        name = path.name[: -len(".json")]
-        meta: dict = {}
-        sidecar = path.with_name(f"{name}.run.json")
-        if sidecar.exists():
-            try:
-                meta = json.loads(sidecar.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                warnings.append(f"{sidecar.name}: not readable JSON ({exc})")
-        checks = [c for c in data["checks"] if isinstance(c, dict) and c.get("id")]
-        runs.append(Run(name, str(data.get("release", "?")), str(data.get("state", "?")), checks, data, meta))
-    runs.sort(key=lambda r: (_version_key(r.release), r.name))
-    return runs, warnings
+def fmt_seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}s"
+
+
+def reference_links(reference: str) -> list[str]:
+    """The links of a registry entry's ``upstream`` reference: its URLs, then ``#1234`` as a link to
+    the upstream repository (GitHub forwards ``/issues/N`` to the pull request when N is one) and
+    ``commit abc1234``."""
+    links = [u.rstrip(".") for u in URL.findall(reference or "")]
+    bare = URL.sub("", reference or "")
+    links += [f"{UPSTREAM}/issues/{n}" for n in REF.findall(bare)]
+    links += [f"{UPSTREAM}/commit/{h}" for h in COMMIT.findall(bare)]
+    return list(dict.fromkeys(links))
+
+
+def short_link(url: str) -> str:
+    m = re.search(r"github\.com/([^/]+/[^/]+)/(?:issues|pull)/(\d+)", url)
+    if m:
+        return f"#{m.group(2)}" if url.startswith(UPSTREAM + "/") else f"{m.group(1)}#{m.group(2)}"
+    m = re.search(r"github\.com/[^/]+/[^/]+/commit/([0-9a-f]{7,12})", url)
+    return m.group(1) if m else url
 
 
 def group_of(check_id: str) -> str:
@@ -155,125 +102,12 @@ def group_of(check_id: str) -> str:
     return f"{module}::{func}" if module else func
 
 
-def upstream_links(message: str) -> list[str]:
-    return list(dict.fromkeys(u.rstrip(".") for u in URL.findall(message or "")))
+def check_name(check_id: str) -> str:
+    """``conformance/test_x.py::test_y[a]`` -> ``test_y[a]``."""
+    return check_id.split("::")[-1]
 
 
-def one_line(text: str, limit: int = 200) -> str:
-    line = " ".join(str(text or "").split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-@dataclass
-class Cell:
-    status: str  # pass | fail | xfail | skip | none
-    total: int = 0
-    bad: int = 0
-    xfailed: int = 0
-    lines: list[str] = field(default_factory=list)
-
-    def text(self) -> str:
-        if self.status == "fail":
-            return f"❌ {self.bad}/{self.total}"
-        if self.status == "xfail":
-            return f"⚠️ xfail {self.xfailed}/{self.total}"
-        if self.status == "pass":
-            return "✅"
-        if self.status == "skip":
-            return "skip"
-        return "—"
-
-
-def cell(run: Run, group: str) -> Cell:
-    checks = [c for c in run.checks if group_of(c["id"]) == group]
-    if not checks:
-        return Cell("none")
-    statuses = [c.get("status") for c in checks]
-    out = Cell("pass", total=len(checks))
-    out.bad = sum(s in BAD for s in statuses)
-    out.xfailed = sum(s == "xfailed" for s in statuses)
-    out.lines = [
-        f"{c['id'].split('::')[-1]}: {c.get('status')}: {one_line(c.get('message'))}"
-        for c in checks
-        if c.get("status") in BAD
-    ]
-    if out.bad:
-        out.status = "fail"
-    elif out.xfailed:
-        out.status = "xfail"
-    elif all(s == "skipped" for s in statuses):
-        out.status = "skip"
-    return out
-
-
-def groups(runs: list[Run]) -> list[str]:
-    seen: dict[str, None] = {}
-    for run in runs:
-        for c in run.checks:
-            seen.setdefault(group_of(c["id"]), None)
-    return sorted(seen)
-
-
-UPSTREAM = "https://github.com/huggingface/sentence-transformers"
-SEGMENT = re.compile(r"\[([A-Za-z0-9_.:-]+)\]\s*(.*?)(?=;\s*\[[A-Za-z0-9_.:-]+\]|$)", re.S)
-REF = re.compile(r"(?<![\w/])#(\d{2,6})\b")
-COMMIT = re.compile(r"\bcommit ([0-9a-f]{7,40})\b")
-
-
-def defect_links(text: str) -> list[str]:
-    """Explicit URLs, then ``#1234`` references as links to the upstream repository (GitHub forwards
-    ``/issues/N`` to the pull request when N is one)."""
-    links = upstream_links(text)
-    bare = URL.sub("", text or "")
-    links += [f"{UPSTREAM}/issues/{n}" for n in REF.findall(bare)]
-    links += [f"{UPSTREAM}/commit/{h}" for h in COMMIT.findall(bare)]
-    return list(dict.fromkeys(links))
-
-
-def expected_failures(run: Run) -> list[tuple[str, str, list[str]]]:
-    """(defect id or reason, first check, links) per distinct expected failure of the run.
-
-    A registry xfail message reads ``xfail: [id] reason (reference); [id2] reason (reference)``:
-    each ``[id]`` is its own defect, with the links of its own segment."""
-    found: dict[str, tuple[str, str, list[str]]] = {}
-    for c in run.checks:
-        if c.get("status") != "xfailed":
-            continue
-        message = (c.get("message") or "").removeprefix("xfail:").strip()
-        segments = [(m.group(1), m.group(2)) for m in SEGMENT.finditer(message)]
-        if not segments:
-            segments = [(one_line(message, 120), message)]
-        for key, text in segments:
-            if key not in found:
-                found[key] = (key, c["id"], defect_links(text))
-    return list(found.values())
-
-
-def _fmt_diff(value) -> str:
-    return "—" if value is None else f"{value:.2e}"
-
-
-def _fmt_seconds(value: float | None) -> str:
-    return "—" if value is None else f"{value:.0f}s"
-
-
-def _counts_text(run: Run) -> str:
-    counts = run.counts()
-    order = ("passed", "failed", "error", "xfailed", "xpassed", "skipped")
-    keys = [*[k for k in order if k in counts], *sorted(set(counts) - set(order))]
-    return ", ".join(f"{counts[k]} {k}" for k in keys) or "no checks"
-
-
-def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-LANE_ORDER = ("newest", "oldest", "upstream")
-LANE_TITLE = {
-    "newest": "newest (series applied)",
-    "oldest": "oldest (deps of the release date)",
-    "upstream": "upstream (as shipped)",
-}
+# --- releases and lanes ----------------------------------------------------------------------------
 
 
 def release_order(runs: list[Run]) -> list[str]:
@@ -282,7 +116,7 @@ def release_order(runs: list[Run]) -> list[str]:
 
 
 def releases_by_lane(runs) -> dict[str, list[str]]:
-    """{lane: [release, ...]} of ``runs`` (Run objects), each release once, in order of appearance."""
+    """{lane: [release, ...]} of ``runs``, each release once, in order of appearance."""
     out: dict[str, list[str]] = {}
     for run in runs:
         releases = out.setdefault(run.lane, [])
@@ -308,11 +142,56 @@ def ranges(items: list[str], order: list[str]) -> str:
     return ", ".join(sp[0] if len(sp) == 1 else f"{sp[0]}–{sp[-1]}" for sp in spans)
 
 
-def _short_counts(run: Run) -> str:
+def where(by_lane: dict[str, list[str]], order: list[str], sep: str = " ") -> str:
+    """``{"newest": ["3.4.0", "3.4.1"]}`` -> ``"newest 3.4.0–3.4.1"`` (lanes joined by ``; ``)."""
+    return "; ".join(f"{lane}{sep}{ranges(rel, order)}" for lane, rel in by_lane.items())
+
+
+# --- one run ---------------------------------------------------------------------------------------
+
+
+def is_float32_pass(check: Check) -> bool:
+    return check.status == "passed" and "float32" in check.id
+
+
+def is_float64_pass(check: Check) -> bool:
+    return check.status == "passed" and "float32" not in check.id
+
+
+def max_diff(run: Run, keep=lambda check: True) -> tuple[float | None, float | None, str | None]:
+    """(largest max_abs_diff, its max_rel_diff, the check) over the checks that compared numbers and
+    that ``keep`` accepts."""
+    best: tuple[float | None, float | None, str | None] = (None, None, None)
+    for c in run.checks:
+        if keep(c) and c.max_abs_diff is not None and (best[0] is None or c.max_abs_diff > best[0]):
+            best = (c.max_abs_diff, c.max_rel_diff, c.id)
+    return best
+
+
+def series_text(run: Run) -> str:
+    """``backport-3.3.0-3.3.1 (installed, patched)``, ``none (native)``, or ``?`` for a summary that
+    does not say."""
+    if not run.knows_series:
+        return "?"
+    series = run.series
+    if not series:
+        return f"none ({run.state})"
+    how = HOW.get(series.get("kind"), series.get("kind") or "?")
+    return f"{series.get('name') or '?'} ({how}, {run.state})"
+
+
+def check_seconds(run: Run) -> float:
+    return sum(c.duration for c in run.checks)
+
+
+def short_counts(run: Run) -> str:
+    """A release-row cell: ``✅ 41 ⚠️3``, ``❌ 2 failed``, ``❌ exit 1``."""
     counts = run.counts()
     if not run.passed:
-        bad = sum(counts.get(k, 0) for k in BAD)
-        return f"❌ {bad} failed" if bad else f"❌ exit {run.data.get('exitstatus')}"
+        bad = len(run.failed)
+        if bad:
+            return f"❌ {bad} failed"
+        return f"❌ exit {run.returncode}" if run.returncode else f"❌ exit {run.exitstatus}"
     parts = [f"✅ {counts.get('passed', 0)}"]
     if counts.get("xfailed"):
         parts.append(f"⚠️{counts['xfailed']}")
@@ -321,45 +200,50 @@ def _short_counts(run: Run) -> str:
     return " ".join(parts)
 
 
-def _release_rows(runs: list[Run]) -> list[tuple[str, dict[str, Run]]]:
-    rows: dict[str, dict[str, Run]] = {}
-    for run in runs:
-        rows.setdefault(run.release, {})[run.lane] = run
-    return list(rows.items())
+@dataclass
+class Cell:
+    """The checks of one test function in one run."""
+
+    status: str  # pass | fail | xfail | skip | none
+    total: int = 0
+    bad: int = 0
+    xfailed: int = 0
+    lines: list[str] = field(default_factory=list)  # the tooltip
+
+    @property
+    def text(self) -> str:
+        if self.status == "fail":
+            return f"❌ {self.bad}/{self.total}"
+        if self.status == "xfail":
+            return f"⚠️ xfail {self.xfailed}/{self.total}"
+        return {"pass": "✅", "skip": "skip"}.get(self.status, "—")
 
 
-def _series_of(by_lane: dict[str, Run]) -> str:
-    for lane in ("newest", "oldest", *by_lane):
-        run = by_lane.get(lane)
-        if run is not None and (run.meta.get("st_patch") or {}).get("state") != "pristine":
-            return run.series
-    return "none applied"
-
-
-def _defects(runs: list[Run]) -> list[tuple[str, list[str], dict[str, list[str]]]]:
-    """(defect key, links, {lane: [releases]}) per distinct expected failure, in order of first sight."""
-    found: dict[str, tuple[list[str], list[Run]]] = {}
-    for run in runs:
-        for key, _check, links in expected_failures(run):
-            entry = found.setdefault(key, ([], []))
-            entry[0].extend(u for u in links if u not in entry[0])
-            entry[1].append(run)
-    return [(k, links, releases_by_lane(hit)) for k, (links, hit) in found.items()]
-
-
-def _folded_grid(runs: list[Run], cols: list[str], order: list[str]) -> list[tuple[str, list[str]]]:
-    """(label, cells) per lane and run of consecutive releases whose cells are identical."""
-    out: list[tuple[str, list[str]]] = []
-    for lane in lanes(runs):
-        block: list[tuple[list[str], list[str]]] = []  # (releases, cells)
-        for run in (r for r in runs if r.lane == lane):
-            cells = [cell(run, c).text() for c in cols]
-            if block and block[-1][1] == cells:
-                block[-1][0].append(run.release)
-            else:
-                block.append(([run.release], cells))
-        out += [(f"{lane} {ranges(rel, order)}", cells) for rel, cells in block]
+def cell(run: Run, group: str) -> Cell:
+    checks = [c for c in run.checks if group_of(c.id) == group]
+    if not checks:
+        return Cell("none")
+    out = Cell("pass", total=len(checks))
+    out.bad = sum(c.bad for c in checks)
+    out.xfailed = sum(c.status == "xfailed" for c in checks)
+    if out.bad:
+        out.status = "fail"
+        out.lines = [f"{check_name(c.id)}: {c.status}: {one_line(c.message)}" for c in checks if c.bad]
+    elif out.xfailed:
+        out.status = "xfail"
+        out.lines = [
+            f"{check_name(c.id)}: {', '.join(c.defects) or NOT_REGISTERED}" for c in checks if c.status == "xfailed"
+        ]
+    elif all(c.status == "skipped" for c in checks):
+        out.status = "skip"
     return out
+
+
+def groups(runs: list[Run]) -> list[str]:
+    return sorted({group_of(c.id) for run in runs for c in run.checks})
+
+
+# --- across runs -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -368,11 +252,15 @@ class FailureKind:
     whatever the tensor sizes it names)."""
 
     signature: str
-    checks: list[tuple[Run, dict]] = field(default_factory=list)
+    checks: list[tuple[Run, Check]] = field(default_factory=list)
 
     @property
-    def example(self) -> tuple[Run, dict]:
-        return self.checks[0]
+    def run(self) -> Run:
+        return self.checks[0][0]
+
+    @property
+    def check(self) -> Check:
+        return self.checks[0][1]
 
     def where(self) -> dict[str, list[str]]:
         return releases_by_lane(run for run, _check in self.checks)
@@ -383,9 +271,40 @@ def failure_kinds(runs: list[Run]) -> list[FailureKind]:
     kinds: dict[str, FailureKind] = {}
     for run in runs:
         for c in run.failed:
-            key = group_of(c["id"]) + " " + NUMBER.sub("N", one_line(c.get("message"), 120))
+            key = group_of(c.id) + " " + NUMBER.sub("N", one_line(c.message, 120))
             kinds.setdefault(key, FailureKind(key)).checks.append((run, c))
     return sorted(kinds.values(), key=lambda k: -len(k.checks))
+
+
+@dataclass
+class Defect:
+    """An upstream defect of the registry, as the expected failures of the runs show it."""
+
+    id: str
+    reason: str = ""
+    upstream: str = ""
+    hits: list[tuple[Run, Check]] = field(default_factory=list)
+
+    @property
+    def links(self) -> list[str]:
+        return reference_links(self.upstream)
+
+    def where(self) -> dict[str, list[str]]:
+        return releases_by_lane(run for run, _check in self.hits)
+
+
+def defects(runs: list[Run]) -> list[Defect]:
+    """The defects of the expected failures (``xfailed`` checks' ``defects``), in order of first sight."""
+    found: dict[str, Defect] = {}
+    for run in runs:
+        for c in run.checks:
+            if c.status != "xfailed":
+                continue
+            for key in c.defects or (NOT_REGISTERED,):
+                info = run.defects.get(key) or {}
+                entry = found.setdefault(key, Defect(key, info.get("reason", ""), info.get("upstream", "")))
+                entry.hits.append((run, c))
+    return list(found.values())
 
 
 def lane_summary(runs: list[Run]) -> list[tuple[str, str]]:
@@ -398,178 +317,143 @@ def lane_summary(runs: list[Run]) -> list[tuple[str, str]]:
         bad = failing.get(lane, [])
         text = f"{len(in_lane) - len(bad)}/{len(in_lane)} pass" + (f"; failing: {ranges(bad, order)}" if bad else "")
         out.append((LANE_TITLE.get(lane, lane), text))
-    f32 = [d for d in (r.max_diff(is_float32_pass) for r in runs) if d[0] is not None]
+    f32 = [d for d in (max_diff(r, is_float32_pass) for r in runs) if d[0] is not None]
     if f32:
         worst = max(f32, key=lambda d: d[0])
-        out.append(
-            (
-                "float32 checks",
-                f"own tolerance, not in the table: largest |diff| {_fmt_diff(worst[0])} (rel {_fmt_diff(worst[1])})",
-            )
-        )
+        text = f"own tolerance, not in the table: largest |diff| {fmt_diff(worst[0])} (rel {fmt_diff(worst[1])})"
+        out.append(("float32 checks", text))
     return out
 
 
-def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
-    if not runs:
-        return "## Conformance matrix\n\nNo results found.\n"
-    cols = groups(runs)
+@dataclass
+class ReleaseRow:
+    release: str
+    series: str
+    cells: list[str]
+    diff: str
+    time: str
+
+
+def release_rows(runs: list[Run], lane_list: list[str]) -> list[ReleaseRow]:
+    """One row per release: the series (of the first lane that applied one), a cell per lane, the
+    largest float64 difference over the release's runs, the newest lane's wall and suite time."""
+    by_release: dict[str, dict[str, Run]] = {}
+    for run in runs:
+        by_release.setdefault(run.release, {})[run.lane] = run
+    rows = []
+    for release, by_lane in by_release.items():
+        ordered = [by_lane[ln] for ln in (*LANE_ORDER, *by_lane) if ln in by_lane]
+        shown = next((r for r in ordered if r.series), ordered[0])
+        diffs = [d for d in (max_diff(r, is_float64_pass) for r in ordered) if d[0] is not None]
+        abs_d, rel_d, _check = max(diffs, key=lambda d: d[0]) if diffs else (None, None, None)
+        main = ordered[0]
+        rows.append(
+            ReleaseRow(
+                release,
+                series_text(shown),
+                [short_counts(by_lane[ln]) if ln in by_lane else "—" for ln in lane_list],
+                fmt_diff(abs_d) + (f" ({fmt_diff(rel_d)})" if rel_d is not None else ""),
+                f"{fmt_seconds(main.seconds)} ({check_seconds(main):.0f}s)",
+            )
+        )
+    return rows
+
+
+def folded_grid(runs: list[Run], cols: list[str], order: list[str]) -> list[tuple[str, list[str]]]:
+    """(label, cells) per lane and run of consecutive releases whose cells are identical."""
+    out: list[tuple[str, list[str]]] = []
+    for lane in lanes(runs):
+        block: list[tuple[list[str], list[str]]] = []  # (releases, cells)
+        for run in (r for r in runs if r.lane == lane):
+            cells = [cell(run, c).text for c in cols]
+            if block and block[-1][1] == cells:
+                block[-1][0].append(run.release)
+            else:
+                block.append(([run.release], cells))
+        out += [(f"{lane} {ranges(rel, order)}", cells) for rel, cells in block]
+    return out
+
+
+@dataclass
+class RunRow:
+    """A run in the HTML's table of runs."""
+
+    run: Run
+    series: str
+    result: str  # pass | fail
+    diff: tuple[float | None, float | None, str | None]  # over every check that compared numbers
+    versions: str
+
+
+def run_rows(runs: list[Run]) -> list[RunRow]:
+    return [
+        RunRow(
+            run,
+            series_text(run),
+            "pass" if run.passed else "fail",
+            max_diff(run),
+            f"{run.summary.get('torch', '?')} / {run.summary.get('transformers', '?')}",
+        )
+        for run in runs
+    ]
+
+
+# --- rendering -------------------------------------------------------------------------------------
+
+
+def context(runs: list[Run], warnings: list[str] | None = None) -> dict:
+    """Everything both templates show, prepared (they only lay it out)."""
     order = release_order(runs)
     lane_list = lanes(runs)
-    failed_runs = [r for r in runs if not r.passed]
-    failing = "; ".join(f"{lane} {ranges(rel, order)}" for lane, rel in releases_by_lane(failed_runs).items())
-    lines = [
-        "## Conformance matrix",
-        "",
-        f"**{len(runs) - len(failed_runs)}/{len(runs)} runs passed**" + (f" — failing: {failing}" if failing else ""),
-        "",
-    ]
-    lines += [f"- **{title}**: {text}" for title, text in lane_summary(runs)]
-    lines += [
-        "",
-        "| release | series (how, state) | "
-        + " | ".join(lane_list)
-        + " | largest float64 diff abs (rel) | time (suite) |",
-        "|---|---|" + "---|" * len(lane_list) + "---|---|",
-    ]
-    for release, by_lane in _release_rows(runs):
-        cells = [_short_counts(by_lane[ln]) if ln in by_lane else "—" for ln in lane_list]
-        diffs = [r.max_diff(is_float64_pass) for r in by_lane.values()]
-        diffs = [d for d in diffs if d[0] is not None]
-        abs_d, rel_d, _c = max(diffs, key=lambda d: d[0]) if diffs else (None, None, None)
-        diff = _fmt_diff(abs_d) + (f" ({_fmt_diff(rel_d)})" if rel_d is not None else "")
-        main = by_lane.get("newest") or next(iter(by_lane.values()))
-        lines.append(
-            f"| {release} | {_md_escape(_series_of(by_lane))} | "
-            + " | ".join(cells)
-            + f" | {diff} | {_fmt_seconds(main.seconds)} ({main.check_seconds:.0f}s) |"
-        )
-    lines += [
-        "",
-        "Cells: ✅ passed checks, ⚠️ expected failures (known upstream defects, below), ❌ failed checks. "
-        "A range a–b spans the releases of this report.",
-    ]
-    kinds = failure_kinds(runs)
-    broken = [r for r in runs if not r.passed and not r.failed]
-    if kinds or broken:
-        lines += ["", "### Failures (grouped by message)", ""]
-        for kind in kinds[:MD_FAILURE_KINDS]:
-            where = "; ".join(f"{lane} {ranges(rel, order)}" for lane, rel in kind.where().items())
-            run, check = kind.example
-            example = f"(e.g. `{check['id'].split('::')[-1]}` on {run.name})"
-            lines.append(
-                f"- **{len(kind.checks)} check{'s' if len(kind.checks) != 1 else ''}** in {where}: "
-                f"{_md_escape(one_line(check.get('message'), 160))} {example}"
-            )
-        if len(kinds) > MD_FAILURE_KINDS:
-            lines.append(f"- … {len(kinds) - MD_FAILURE_KINDS} more kinds of failure (report.html lists every check)")
-        for run in broken:
-            lines.append(f"- **{run.name}**: exit status {run.data.get('exitstatus')} with {_counts_text(run)}")
-    defects = _defects(runs)
-    if defects:
-        lines += ["", "### Expected failures (known upstream defects)", ""]
-        for key, links, where in defects:
-            link_text = " ".join(f"[{_short(u)}]({u})" for u in links) or "(no upstream reference)"
-            spans = "; ".join(f"{lane}: {ranges(rel, order)}" for lane, rel in where.items())
-            lines.append(f"- `{_md_escape(key)}` {link_text} — {spans}")
-    lines += ["", "<details><summary>Checks per run (consecutive identical rows folded)</summary>", ""]
-    lines += ["| runs | " + " | ".join(f"`{c.split('::')[-1]}`" for c in cols) + " |", "|---|" + "---|" * len(cols)]
-    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in _folded_grid(runs, cols, order)]
-    lines += ["", "Columns: " + ", ".join(f"`{c}`" for c in cols) + ".", "", "</details>"]
-    for w in warnings or []:
-        lines.append(f"\n> warning: {w}")
-    text = "\n".join(lines) + "\n"
+    failed = [r for r in runs if not r.passed]
+    cols = groups(runs)
+    return {
+        "runs": runs,
+        "warnings": warnings or [],
+        "order": order,
+        "passed": len(runs) - len(failed),
+        "failing": where(releases_by_lane(failed), order),
+        "lane_list": lane_list,
+        "lane_summary": lane_summary(runs),
+        "rows": release_rows(runs, lane_list),
+        "kinds": failure_kinds(runs),
+        "kinds_shown": MD_FAILURE_KINDS,
+        "broken": [r for r in failed if not r.failed],
+        "defects": defects(runs),
+        "cols": cols,
+        "grid": folded_grid(runs, cols, order),
+        "run_rows": run_rows(runs),
+        "cells": [(run.name, [cell(run, c) for c in cols]) for run in runs],
+        "failures": [(run, c) for run in runs for c in run.failed],
+    }
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(md=md_escape, one_line=one_line, short_link=short_link, check_name=check_name)
+    env.filters.update(code=lambda text: f"`{text}`", column_title=lambda group: f"`{group.split('::')[-1]}`")
+    env.filters.update(fmt_diff=fmt_diff, fmt_seconds=fmt_seconds)
+    env.globals.update(where=where, check_seconds=check_seconds)
+    return env
+
+
+def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
+    text = _environment().get_template("report.md.j2").render(context(runs, warnings))
     if len(text) > MD_LIMIT:
         cut = text[:MD_LIMIT].rsplit("\n", 1)[0]
         text = cut + "\n\n… (truncated; the full report is report.html)\n"
     return text
 
 
-def _short(url: str) -> str:
-    m = re.search(r"github\.com/([^/]+/[^/]+)/(?:issues|pull)/(\d+)", url)
-    if m:
-        return f"#{m.group(2)}" if url.startswith(UPSTREAM + "/") else f"{m.group(1)}#{m.group(2)}"
-    m = re.search(r"github\.com/[^/]+/[^/]+/commit/([0-9a-f]{7,12})", url)
-    return m.group(1) if m else url
-
-
-CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:1em 0}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#f3f3f3;position:sticky;top:0}
-td.pass{background:#e6f4ea}td.fail{background:#fce8e6;font-weight:bold}
-td.xfail{background:#fff4d6}td.skip,td.none{color:#888}
-code{font-size:90%}.small{color:#666;font-size:90%}
-"""
-
-
 def render_html(runs: list[Run], warnings: list[str] | None = None) -> str:
-    e = html.escape
-    cols = groups(runs)
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><title>Conformance matrix</title>',
-        f"<style>{CSS}</style></head><body>",
-        "<h1>Conformance matrix</h1>",
-    ]
-    if not runs:
-        out.append("<p>No results found.</p></body></html>")
-        return "\n".join(out) + "\n"
-    failed_runs = [r for r in runs if not r.passed]
-    out.append(f"<p><b>{len(runs) - len(failed_runs)}/{len(runs)} runs passed</b></p><ul>")
-    out += [f"<li><b>{e(title)}</b>: {e(text)}</li>" for title, text in lane_summary(runs)]
-    out.append("</ul>")
-    out.append(
-        "<table><tr><th>run</th><th>release</th><th>state</th><th>series (how, state)</th><th>result</th>"
-        "<th>checks</th><th>largest |diff|</th><th>rel</th><th>at check</th><th>time</th><th>suite</th>"
-        "<th>torch / transformers</th></tr>"
-    )
-    for run in runs:
-        abs_d, rel_d, check = run.max_diff()
-        cls = "pass" if run.passed else "fail"
-        out.append(
-            f"<tr><td>{e(run.name)}</td><td>{e(run.release)}</td><td>{e(run.state)}</td><td>{e(run.series)}</td>"
-            f'<td class="{cls}">{cls}</td><td>{e(_counts_text(run))}</td><td>{_fmt_diff(abs_d)}</td>'
-            f"<td>{_fmt_diff(rel_d)}</td><td><code>{e(check or '')}</code></td><td>{_fmt_seconds(run.seconds)}</td>"
-            f"<td>{run.check_seconds:.0f}s</td>"
-            f"<td>{e(str(run.data.get('torch', '?')))} / {e(str(run.data.get('transformers', '?')))}</td></tr>"
-        )
-    out.append("</table><h2>Checks</h2><table><tr><th>run</th>")
-    out += [f"<th><code>{e(c)}</code></th>" for c in cols]
-    out.append("</tr>")
-    for run in runs:
-        out.append(f"<tr><td>{e(run.name)}</td>")
-        for c in cols:
-            cl = cell(run, c)
-            tip = "\n".join(cl.lines)
-            if cl.status == "xfail":
-                tip = "\n".join(f"{k}: {' '.join(links)}" for k, _check, links in expected_failures(run))
-            out.append(f'<td class="{cl.status}" title="{e(tip)}">{e(cl.text())}</td>')
-        out.append("</tr>")
-    out.append("</table>")
-    failures = [(run, c) for run in runs for c in run.failed]
-    if failures:
-        out.append("<h2>Failures</h2><ul>")
-        for run, c in failures:
-            out.append(
-                f"<li><b>{e(run.name)}</b> <code>{e(c['id'])}</code> {e(str(c.get('status')))}: "
-                f"{e(one_line(c.get('message'), 500))}</li>"
-            )
-        out.append("</ul>")
-    xfails = [(run, x) for run in runs for x in expected_failures(run)]
-    if xfails:
-        out.append("<h2>Expected failures (known upstream defects)</h2><ul>")
-        for run, (key, check, links) in xfails:
-            refs = " ".join(f'<a href="{e(u)}">{e(_short(u))}</a>' for u in links) or "no link"
-            out.append(
-                f"<li>{e(run.name)}: {e(key)} — {refs} <span class=small>(e.g. <code>{e(check)}</code>)</span></li>"
-            )
-        out.append("</ul>")
-    for w in warnings or []:
-        out.append(f"<p class=small>warning: {e(w)}</p>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+    return _environment().get_template("report.html.j2").render(context(runs, warnings))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -577,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="results", type=Path)
     parser.add_argument("--out", default="report", type=Path)
     args = parser.parse_args(argv)
-    runs, warnings = load(args.results)
+    runs, warnings = results.load(args.results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(render_markdown(runs, warnings), encoding="utf-8")
     (args.out / "report.html").write_text(render_html(runs, warnings), encoding="utf-8")
