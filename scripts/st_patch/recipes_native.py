@@ -211,6 +211,66 @@ def edit_matryoshka_per_call(text: str) -> str:
     )
 
 
+# --- 6. MatryoshkaLoss detects a gradient-cache loss by capability, not by class (3.4.0 - 6.2.0) -----
+
+DETECT_GRADIENT_CACHE = '''\
+def _uses_gradient_cache(loss: nn.Module, cached_losses: tuple[type, ...] = ()) -> bool:
+    """Whether ``loss`` is a gradient-cache (GradCache) loss, whatever its class.
+
+    Those are sentence-transformers' cached losses, a loss whose ``uses_gradient_cache`` attribute says
+    so, and, without that attribute, any loss with ``embed_minibatch_iter`` or
+    ``calculate_loss_and_cache_gradients`` (e.g. a user's own GradCache loss). MatryoshkaLoss truncates
+    in its ``calculate_loss(reps, ..., with_backward=...)``: a gradient-cache loss without one raises a
+    clear ValueError instead of crashing in backward or training the full dimension only.
+    """
+    declared = getattr(loss, "uses_gradient_cache", None)
+    if isinstance(loss, cached_losses):
+        cached = True
+    elif declared is not None:
+        cached = bool(declared)
+    else:
+        markers = ("embed_minibatch_iter", "calculate_loss_and_cache_gradients")
+        cached = any(callable(getattr(loss, name, None)) for name in markers)
+    if not cached:
+        return False
+    calculate_loss = getattr(loss, "calculate_loss", None)
+    if not callable(calculate_loss) or "with_backward" not in inspect.signature(calculate_loss).parameters:
+        name = type(loss).__name__
+        raise ValueError(
+            f"MatryoshkaLoss cannot drive {name}: it is a gradient-cache (GradCache) loss, but it has no "
+            "calculate_loss(reps, ..., with_backward=...) method, the loss stage in which MatryoshkaLoss "
+            f"truncates the cached embeddings. Give {name} one that back-propagates into reps when "
+            "with_backward=True and call it from its forward (or its calculate_loss_and_cache_gradients), "
+            "or use a loss without a gradient cache."
+        )
+    return True
+
+
+'''
+
+
+def edit_matryoshka_detect_protocol(text: str) -> str:
+    """MatryoshkaLoss: take the cached path for any gradient-cache loss, or raise a clear error."""
+    what = "MatryoshkaLoss"
+    text = _sub_once(r"^import random\n", "import inspect\nimport random\n", text, what)
+    text = _sub_once(
+        r"^class MatryoshkaLoss\(nn\.Module\):\n", lambda m: DETECT_GRADIENT_CACHE + m.group(0), text, what
+    )
+    if "isinstance(self.loss, self.cached_losses)" in text:  # 3.4.0 - 5.6.x, after the per-call patch
+        return _sub_once(
+            r"^        if isinstance\(self\.loss, self\.cached_losses\):\n",
+            "        if _uses_gradient_cache(self.loss, self.cached_losses):\n",
+            text,
+            what,
+        )
+    return _sub_once(  # 5.7.0 and later
+        r"^        self\.uses_gradient_cache = uses_gradient_cache\(loss\)\n",
+        "        self.uses_gradient_cache = _uses_gradient_cache(loss)\n",
+        text,
+        what,
+    )
+
+
 #: In patch order.
 NATIVE_FIXES: tuple[Concern, ...] = (
     Concern(
@@ -244,4 +304,12 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         "native-matryoshka-decorate-per-call", {MATRYOSHKA_OLD: edit_matryoshka_per_call}, releases=">=3.4.0,<5.4.0"
     ),
     Concern("native-matryoshka-decorate-per-call", {MATRYOSHKA_NEW: edit_matryoshka_per_call}, releases=">=5.4.0"),
+    Concern(
+        "native-matryoshka-gradcache-protocol",
+        {MATRYOSHKA_OLD: edit_matryoshka_detect_protocol},
+        releases=">=3.4.0,<5.4.0",
+    ),
+    Concern(
+        "native-matryoshka-gradcache-protocol", {MATRYOSHKA_NEW: edit_matryoshka_detect_protocol}, releases=">=5.4.0"
+    ),
 )
