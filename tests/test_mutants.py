@@ -65,6 +65,16 @@ MUTANTS = {
         "    pass",
         "test_protocol_loss_without_loss_stage_raises_clear_error",
     ),
+    "adaptive-layer-accepts-gradcache": (
+        "    cached = [index for index, module in enumerate(chain) if is_gradcache_loss(module)]",
+        "    cached = []",
+        "test_adaptive_layers_refuse_gradient_cache",
+    ),
+    "adaptive-layer-checks-its-own-loss-only": (  # Matryoshka2dLoss hands it MatryoshkaLoss(cached)
+        '        module = getattr(module, "loss", None)',
+        "        module = None",
+        "test_adaptive_layers_refuse_gradient_cache",
+    ),
 }
 
 

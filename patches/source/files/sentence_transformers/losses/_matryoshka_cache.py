@@ -38,6 +38,10 @@ The GradCache protocol (what MatryoshkaLoss relies on, whatever the loss's class
 A loss that is a GradCache loss by the first rule but has neither ``calculate_loss_and_cache_gradients``
 nor a ``calculate_loss`` with a ``with_backward`` argument cannot be driven: MatryoshkaLoss raises a
 ValueError naming the loss and the missing method instead of crashing inside autograd.
+
+``AdaptiveLayerLoss`` and ``Matryoshka2dLoss`` do not support a GradCache loss yet, directly or inside
+``MatryoshkaLoss`` (:func:`refuse_under_adaptive_layers`): step 3 runs after their layer decorators are
+gone, so every layer's gradient would land on the final layer's embeddings.
 """
 
 from __future__ import annotations
@@ -243,3 +247,31 @@ def matryoshka_cached_forward(
         loss = loss.detach()
     return loss
 
+
+def refuse_under_adaptive_layers(owner: nn.Module, loss: nn.Module) -> None:
+    """``AdaptiveLayerLoss`` / ``Matryoshka2dLoss``: raise a clear ValueError when ``loss`` is a GradCache
+    loss or wraps one (e.g. inside ``MatryoshkaLoss``), instead of training with wrong gradients.
+
+    The GradCache loss re-embeds its mini-batches in a backward hook, after ``owner`` has removed the
+    decorators that select a layer's embeddings: every layer's gradient would land on the final layer's
+    embeddings, and the KL-divergence term would get none.
+    """
+    chain: list[nn.Module] = []
+    module: Any = loss
+    while isinstance(module, nn.Module) and all(module is not seen for seen in chain):
+        chain.append(module)
+        module = getattr(module, "loss", None)
+    cached = [index for index, module in enumerate(chain) if is_gradcache_loss(module)]
+    if not cached:
+        return
+    owner_name = type(owner).__name__
+    name = type(chain[cached[-1]]).__name__
+    wrappers = [type(module).__name__ for module in chain[: cached[-1]]]
+    inside = f" (inside {' inside '.join(reversed(wrappers))})" if wrappers else ""
+    plain = name[len("Cached") :] if name.startswith("Cached") else f"a non-cached counterpart of {name}"
+    raise ValueError(
+        f"{owner_name} with {name}{inside} is not supported with a gradient cache yet: {name} re-embeds its "
+        f"mini-batches in a backward hook, after {owner_name} has restored the model's layers, so every "
+        f"layer's gradient would land on the final layer's embeddings. Use {owner_name} with a loss without "
+        f"a gradient cache ({plain}), or MatryoshkaLoss alone with {name}."
+    )
