@@ -45,6 +45,36 @@ MUTANTS = {
         "            inner_loss.mini_batch_size = chunk",
         "test_loss_stage_stays_chunked",
     ),
+    "with-backward-stage-not-caching": (  # calculate_loss(reps, with_backward=True) run without gradients
+        'caching = name == "calculate_loss_and_cache_gradients" or bool(_with_backward(method, args, kwargs))',
+        'caching = name == "calculate_loss_and_cache_gradients"',
+        "test_protocol_loss_vs_reference",
+    ),
+    "nested-loss-stage-truncates-again": (  # calculate_loss_and_cache_gradients -> calculate_loss re-enters
+        "        if self.active:",
+        "        if False:",
+        "test_protocol_loss_vs_reference",
+    ),
+    "rep-grad-not-reported": (  # the 5.7-style hook reads rep.grad of the full-width embeddings
+        "                r.grad = g if r.grad is None else r.grad + g",
+        "                pass",
+        "test_protocol_loss_vs_reference",
+    ),
+    "no-loss-stage-unchecked": (
+        "    check_loss_stage(inner_loss)",
+        "    pass",
+        "test_protocol_loss_without_loss_stage_raises_clear_error",
+    ),
+    "adaptive-layer-accepts-gradcache": (
+        "    cached = [index for index, module in enumerate(chain) if is_gradcache_loss(module)]",
+        "    cached = []",
+        "test_adaptive_layers_refuse_gradient_cache",
+    ),
+    "adaptive-layer-checks-its-own-loss-only": (  # Matryoshka2dLoss hands it MatryoshkaLoss(cached)
+        '        module = getattr(module, "loss", None)',
+        "        module = None",
+        "test_adaptive_layers_refuse_gradient_cache",
+    ),
 }
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from . import recipes_native as native
 from .recipes import (
+    ADAPTIVE_LAYER,
     LOSSES,
     MATRYOSHKA,
     SYMMETRIC,
     Concern,
+    edit_adaptive_layer,
     edit_matryoshka,
     edit_matryoshka_sort_dims,
     edit_matryoshka_sorted_sample,
@@ -21,7 +23,19 @@ from .recipes import (
 )
 
 BACKPORT: tuple[Concern, ...] = (
-    Concern("matryoshka-truncate-after-cache", {MATRYOSHKA: edit_matryoshka}, (f"{LOSSES}/_matryoshka_cache.py",)),
+    # AdaptiveLayerLoss (2.5.0+) must refuse what the removed MatryoshkaLoss warning used to flag.
+    Concern(
+        "matryoshka-truncate-after-cache",
+        {MATRYOSHKA: edit_matryoshka},
+        (f"{LOSSES}/_matryoshka_cache.py",),
+        releases="<2.5.0",
+    ),
+    Concern(
+        "matryoshka-truncate-after-cache",
+        {MATRYOSHKA: edit_matryoshka, ADAPTIVE_LAYER: edit_adaptive_layer},
+        (f"{LOSSES}/_matryoshka_cache.py",),
+        releases=">=2.5.0",
+    ),
     Concern("cmnsrl-symmetric-across-mini-batches", {SYMMETRIC: edit_symmetric}),
     Concern("matryoshka-sort-dims", {MATRYOSHKA: edit_matryoshka_sort_dims}, releases="<3.0.1"),
     Concern("matryoshka-sorted-sample", {MATRYOSHKA: edit_matryoshka_sorted_sample}, releases=">=2.5.0,<4.0.0"),

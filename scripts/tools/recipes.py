@@ -16,6 +16,7 @@ from packaging.version import Version
 
 LOSSES = "sentence_transformers/losses"
 MATRYOSHKA = f"{LOSSES}/MatryoshkaLoss.py"
+ADAPTIVE_LAYER = f"{LOSSES}/AdaptiveLayerLoss.py"
 SYMMETRIC = f"{LOSSES}/CachedMultipleNegativesSymmetricRankingLoss.py"
 
 
@@ -125,6 +126,38 @@ SYMMETRIC_STAGE = '''\
         return self._symmetric_loss(reps, with_backward=False)
 
 '''
+
+
+ADAPTIVE_LAYER_REFUSAL = """\
+        # A cached (GradCache) loss re-embeds in a backward hook, after this loss has restored the model's
+        # layers: every layer's gradient would land on the final layer's embeddings. Refuse it, also inside
+        # MatryoshkaLoss, instead of training with wrong gradients.
+        {call}(self, loss)
+"""
+
+
+def append_to_adaptive_layer_init(text: str, call: str, what: str) -> str:
+    """AdaptiveLayerLoss.__init__ ends with the checks of ``loss`` (assert, "not compatible" warning); add a
+    check after them, leaving upstream's lines as they are."""
+    return _sub_once(
+        r"^        assert isinstance\(self\.model\[0\], Transformer\)\n(?:        .*\n)*(?=\n    def )",
+        lambda m: m.group(0) + ADAPTIVE_LAYER_REFUSAL.format(call=call),
+        text,
+        what,
+    )
+
+
+def edit_adaptive_layer(text: str) -> str:
+    """AdaptiveLayerLoss (and Matryoshka2dLoss): refuse a GradCache loss, directly or inside MatryoshkaLoss."""
+    what = ADAPTIVE_LAYER
+    text = _sub_once(
+        r"^from sentence_transformers import SentenceTransformer\n",
+        "from sentence_transformers import SentenceTransformer\n"
+        "from sentence_transformers.losses._matryoshka_cache import refuse_under_adaptive_layers\n",
+        text,
+        what,
+    )
+    return append_to_adaptive_layer_init(text, "refuse_under_adaptive_layers", what)
 
 
 def edit_symmetric(text: str) -> str:

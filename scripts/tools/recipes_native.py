@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .recipes import LOSSES, Concern, RecipeError, _sub_once
+from .recipes import LOSSES, Concern, RecipeError, _sub_once, append_to_adaptive_layer_init
 
 NEW_LOSSES = "sentence_transformers/sentence_transformer/losses"
 
@@ -25,6 +25,7 @@ GIST_OLD, GIST_NEW = _paths("GISTEmbedLoss", "gist_embed")
 CMNRL_OLD, CMNRL_NEW = _paths("CachedMultipleNegativesRankingLoss", "cached_multiple_negatives_ranking")
 CGIST_OLD, CGIST_NEW = _paths("CachedGISTEmbedLoss", "cached_gist_embed")
 CMNSRL_OLD = f"{LOSSES}/CachedMultipleNegativesSymmetricRankingLoss.py"
+ADAPTIVE_LAYER_OLD, ADAPTIVE_LAYER_NEW = _paths("AdaptiveLayerLoss", "adaptive_layer")
 
 
 # --- 1. n_dims_per_step reaches the CachedLossDecorator (3.4.0 - 5.3.x) ---------------------------
@@ -211,6 +212,119 @@ def edit_matryoshka_per_call(text: str) -> str:
     )
 
 
+# --- 6. AdaptiveLayerLoss / Matryoshka2dLoss refuse gradient-cache losses (3.4.0 - 6.2.0) ----------
+
+REFUSE_GRADIENT_CACHE = '''\
+def _refuse_gradient_cache(owner: nn.Module, loss: nn.Module) -> None:
+    """Raise a clear ValueError when ``loss`` is a gradient-cache (GradCache) loss or wraps one (e.g. inside
+    MatryoshkaLoss), instead of training with wrong gradients or crashing in backward.
+
+    Such a loss re-embeds its mini-batches in a backward hook, after ``owner`` has removed the decorators
+    that select a layer's embeddings. A loss is a gradient-cache loss when its ``uses_gradient_cache``
+    attribute says so, or, without that attribute, when it has ``embed_minibatch_iter`` or
+    ``calculate_loss_and_cache_gradients`` (the GradCache methods, whatever its class).
+    """
+
+    def uses_cache(module: nn.Module) -> bool:
+        declared = getattr(module, "uses_gradient_cache", None)
+        if declared is not None:
+            return bool(declared)
+        markers = ("embed_minibatch_iter", "calculate_loss_and_cache_gradients")
+        return any(callable(getattr(module, name, None)) for name in markers)
+
+    chain = []
+    module = loss
+    while isinstance(module, nn.Module) and all(module is not seen for seen in chain):
+        chain.append(module)
+        module = getattr(module, "loss", None)
+    cached = [index for index, module in enumerate(chain) if uses_cache(module)]
+    if not cached:
+        return
+    owner_name = type(owner).__name__
+    name = type(chain[cached[-1]]).__name__
+    wrappers = [type(module).__name__ for module in chain[: cached[-1]]]
+    inside = f" (inside {' inside '.join(reversed(wrappers))})" if wrappers else ""
+    plain = name[len("Cached") :] if name.startswith("Cached") else f"a non-cached counterpart of {name}"
+    raise ValueError(
+        f"{owner_name} with {name}{inside} is not supported with a gradient cache yet: {name} re-embeds its "
+        f"mini-batches in a backward hook, after {owner_name} has restored the model's layers, so every "
+        f"layer's gradient would land on the final layer's embeddings. Use {owner_name} with a loss without "
+        f"a gradient cache ({plain}), or MatryoshkaLoss alone with {name}."
+    )
+
+
+'''
+
+
+def edit_adaptive_layer_refuse(text: str) -> str:
+    """AdaptiveLayerLoss: raise on a gradient-cache loss, directly or inside MatryoshkaLoss (after the warning)."""
+    what = "AdaptiveLayerLoss"
+    text = _sub_once(
+        r"^class AdaptiveLayerLoss\(nn\.Module\):\n", lambda m: REFUSE_GRADIENT_CACHE + m.group(0), text, what
+    )
+    return append_to_adaptive_layer_init(text, "_refuse_gradient_cache", what)
+
+
+# --- 7. MatryoshkaLoss detects a gradient-cache loss by capability, not by class (3.4.0 - 6.2.0) -----
+
+DETECT_GRADIENT_CACHE = '''\
+def _uses_gradient_cache(loss: nn.Module, cached_losses: tuple[type, ...] = ()) -> bool:
+    """Whether ``loss`` is a gradient-cache (GradCache) loss, whatever its class.
+
+    Those are sentence-transformers' cached losses, a loss whose ``uses_gradient_cache`` attribute says
+    so, and, without that attribute, any loss with ``embed_minibatch_iter`` or
+    ``calculate_loss_and_cache_gradients`` (e.g. a user's own GradCache loss). MatryoshkaLoss truncates
+    in its ``calculate_loss(reps, ..., with_backward=...)``: a gradient-cache loss without one raises a
+    clear ValueError instead of crashing in backward or training the full dimension only.
+    """
+    declared = getattr(loss, "uses_gradient_cache", None)
+    if isinstance(loss, cached_losses):
+        cached = True
+    elif declared is not None:
+        cached = bool(declared)
+    else:
+        markers = ("embed_minibatch_iter", "calculate_loss_and_cache_gradients")
+        cached = any(callable(getattr(loss, name, None)) for name in markers)
+    if not cached:
+        return False
+    calculate_loss = getattr(loss, "calculate_loss", None)
+    if not callable(calculate_loss) or "with_backward" not in inspect.signature(calculate_loss).parameters:
+        name = type(loss).__name__
+        raise ValueError(
+            f"MatryoshkaLoss cannot drive {name}: it is a gradient-cache (GradCache) loss, but it has no "
+            "calculate_loss(reps, ..., with_backward=...) method, the loss stage in which MatryoshkaLoss "
+            f"truncates the cached embeddings. Give {name} one that back-propagates into reps when "
+            "with_backward=True and call it from its forward (or its calculate_loss_and_cache_gradients), "
+            "or use a loss without a gradient cache."
+        )
+    return True
+
+
+'''
+
+
+def edit_matryoshka_detect_protocol(text: str) -> str:
+    """MatryoshkaLoss: take the cached path for any gradient-cache loss, or raise a clear error."""
+    what = "MatryoshkaLoss"
+    text = _sub_once(r"^import random\n", "import inspect\nimport random\n", text, what)
+    text = _sub_once(
+        r"^class MatryoshkaLoss\(nn\.Module\):\n", lambda m: DETECT_GRADIENT_CACHE + m.group(0), text, what
+    )
+    if "isinstance(self.loss, self.cached_losses)" in text:  # 3.4.0 - 5.6.x, after the per-call patch
+        return _sub_once(
+            r"^        if isinstance\(self\.loss, self\.cached_losses\):\n",
+            "        if _uses_gradient_cache(self.loss, self.cached_losses):\n",
+            text,
+            what,
+        )
+    return _sub_once(  # 5.7.0 and later
+        r"^        self\.uses_gradient_cache = uses_gradient_cache\(loss\)\n",
+        "        self.uses_gradient_cache = _uses_gradient_cache(loss)\n",
+        text,
+        what,
+    )
+
+
 #: In patch order.
 NATIVE_FIXES: tuple[Concern, ...] = (
     Concern(
@@ -244,4 +358,22 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         "native-matryoshka-decorate-per-call", {MATRYOSHKA_OLD: edit_matryoshka_per_call}, releases=">=3.4.0,<5.4.0"
     ),
     Concern("native-matryoshka-decorate-per-call", {MATRYOSHKA_NEW: edit_matryoshka_per_call}, releases=">=5.4.0"),
+    Concern(
+        "native-matryoshka-gradcache-protocol",
+        {MATRYOSHKA_OLD: edit_matryoshka_detect_protocol},
+        releases=">=3.4.0,<5.4.0",
+    ),
+    Concern(
+        "native-matryoshka-gradcache-protocol", {MATRYOSHKA_NEW: edit_matryoshka_detect_protocol}, releases=">=5.4.0"
+    ),
+    Concern(
+        "native-adaptive-layer-refuses-gradient-cache",
+        {ADAPTIVE_LAYER_OLD: edit_adaptive_layer_refuse},
+        releases=">=3.4.0,<5.4.0",
+    ),
+    Concern(
+        "native-adaptive-layer-refuses-gradient-cache",
+        {ADAPTIVE_LAYER_NEW: edit_adaptive_layer_refuse},
+        releases=">=5.4.0",
+    ),
 )

@@ -1,7 +1,7 @@
 """Truncate-after-cache: MatryoshkaLoss around cached (GradCache) losses.
 
 A GradCache loss (``CachedMultipleNegativesRankingLoss``, ``CachedGISTEmbedLoss``,
-``CachedMultipleNegativesSymmetricRankingLoss``, or a user's own loss that follows the same protocol)
+``CachedMultipleNegativesSymmetricRankingLoss``, or a user's own loss that follows the protocol below)
 works in three steps:
 
 1. embed every mini-batch without gradients and keep the embeddings,
@@ -16,10 +16,37 @@ full-width embeddings, and step 3 - the expensive second forward pass - runs onc
 
 The inner loss is not modified: its loss-stage methods are shadowed on the instance for the duration
 of one call and restored afterwards, also when the call raises.
+
+The GradCache protocol (what MatryoshkaLoss relies on, whatever the loss's class):
+
+- A loss is a GradCache loss when its ``uses_gradient_cache`` attribute says so (as the cached losses
+  of sentence-transformers 5.7 and later do; ``False`` opts out), or, without that attribute, when it
+  has an ``embed_minibatch_iter`` or a ``calculate_loss_and_cache_gradients`` method.
+- Its forward keeps step 1's embeddings as leaf tensors that require grad, one list of mini-batch
+  embeddings per input column (``reps``), and runs step 2 by calling one *loss stage* with ``reps``
+  as first argument (further arguments, e.g. guide embeddings or labels, are passed on untouched):
+  ``calculate_loss_and_cache_gradients(reps, ...)`` (3.3 style), which may itself call
+  ``calculate_loss(reps, ..., with_backward=True)`` (3.4 style), or ``calculate_loss(reps, ...,
+  with_backward=True)`` directly (5.7 style). Without gradients (evaluation) it may call
+  ``calculate_loss(reps, ...)``.
+- The loss stage back-propagates the loss into ``reps`` (mini-batch by mini-batch) and returns its
+  value. Step 3 then reads the gradients from ``self.cache`` (where the loss stage put them, 3.3 and
+  3.4 style) or from ``rep.grad`` (5.7 style). MatryoshkaLoss puts the full-width gradients in both
+  places the loss uses: ``self.cache`` when the loss stage set it, and ``rep.grad`` of every
+  embedding of ``reps``.
+
+A loss that is a GradCache loss by the first rule but has neither ``calculate_loss_and_cache_gradients``
+nor a ``calculate_loss`` with a ``with_backward`` argument cannot be driven: MatryoshkaLoss raises a
+ValueError naming the loss and the missing method instead of crashing inside autograd.
+
+``AdaptiveLayerLoss`` and ``Matryoshka2dLoss`` do not support a GradCache loss yet, directly or inside
+``MatryoshkaLoss`` (:func:`refuse_under_adaptive_layers`): step 3 runs after their layer decorators are
+gone, so every layer's gradient would land on the final layer's embeddings.
 """
 
 from __future__ import annotations
 
+import inspect
 import random
 from contextlib import contextmanager
 from functools import partial
@@ -29,15 +56,54 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: The methods that make a loss a GradCache loss, whatever its class.
-GRADCACHE_PROTOCOL = ("embed_minibatch_iter", "calculate_loss_and_cache_gradients")
+#: Without a ``uses_gradient_cache`` attribute, any of these methods makes a loss a GradCache loss.
+GRADCACHE_MARKERS = ("embed_minibatch_iter", "calculate_loss_and_cache_gradients")
 #: The loss-stage methods whose first argument is the list of cached embeddings.
 LOSS_STAGE_METHODS = ("calculate_loss_and_cache_gradients", "calculate_loss")
 
 
 def is_gradcache_loss(loss: nn.Module) -> bool:
     """Whether ``loss`` follows the GradCache protocol (detected by capability, not by class)."""
-    return all(callable(getattr(loss, name, None)) for name in GRADCACHE_PROTOCOL)
+    declared = getattr(loss, "uses_gradient_cache", None)
+    if declared is not None:
+        return bool(declared)
+    return any(callable(getattr(loss, name, None)) for name in GRADCACHE_MARKERS)
+
+
+def _with_backward(method: Callable[..., Any], args: tuple, kwargs: dict) -> bool | None:
+    """The ``with_backward`` argument of a call of ``method(reps, *args, **kwargs)``; None: no such parameter."""
+    try:
+        signature = inspect.signature(method)
+    except (TypeError, ValueError):
+        return kwargs.get("with_backward")
+    if "with_backward" not in signature.parameters:
+        return None
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError:
+        return bool(kwargs.get("with_backward", False))
+    bound.apply_defaults()
+    return bool(bound.arguments["with_backward"])
+
+
+def check_loss_stage(loss: nn.Module) -> None:
+    """Raise a clear ValueError when ``loss`` has no loss stage that MatryoshkaLoss can truncate in."""
+    if callable(getattr(loss, "calculate_loss_and_cache_gradients", None)):
+        return
+    calculate_loss = getattr(loss, "calculate_loss", None)
+    if callable(calculate_loss) and _with_backward(calculate_loss, (), {}) is not None:
+        return
+    name = type(loss).__name__
+    if callable(calculate_loss):
+        found = "has no calculate_loss_and_cache_gradients(reps, ...) method, and its calculate_loss takes no with_backward argument"
+    else:
+        found = "has neither a calculate_loss_and_cache_gradients(reps, ...) nor a calculate_loss(reps, ..., with_backward=...) method"
+    raise ValueError(
+        f"MatryoshkaLoss cannot drive {name}: it is a gradient-cache (GradCache) loss, but it {found}. "
+        "MatryoshkaLoss truncates the cached embeddings in that loss stage; add one of these methods to "
+        f"{name} (see the GradCache protocol in sentence_transformers/losses/_matryoshka_cache.py), "
+        "or use a loss without a gradient cache."
+    )
 
 
 def truncate(embeddings: Tensor, dim: int) -> Tensor:
@@ -71,6 +137,7 @@ def _full_width_grad(full: Tensor, dim: int, truncated_grad: Tensor) -> Tensor:
 
 def _loss_stage(
     inner_method: Callable[..., Tensor],
+    caching: bool,
     inner_loss: nn.Module,
     dims_weights: list[tuple[int, float]],
     reps: list[list[Tensor]],
@@ -82,12 +149,13 @@ def _loss_stage(
     ``reps`` are the full-width cached embeddings (one list of mini-batches per input column). Every
     further argument (e.g. the guide embeddings of CachedGISTEmbedLoss) is passed on untouched.
     The inner loss stage stays chunked by mini-batch, so no graph spans the whole batch.
+    ``caching``: the stage back-propagates into the embeddings (``calculate_loss_and_cache_gradients``,
+    ``calculate_loss(..., with_backward=True)``); releases before 3.0 have no separate no-grad
+    ``calculate_loss`` and use the caching stage for evaluation too, so it always runs in grad mode.
     """
-    # ``calculate_loss_and_cache_gradients`` calls backward() per mini-batch and caches the gradients;
-    # releases before 3.0 have no separate no-grad ``calculate_loss`` and use it for evaluation too,
-    # so it always runs in grad mode.
-    caching = inner_method.__name__ == "calculate_loss_and_cache_gradients"
     full_grads = [[torch.zeros_like(r) for r in rs] for rs in reps]
+    missing = object()
+    cache_before = vars(inner_loss).get("cache", missing)
     total = None
     for dim, weight in dims_weights:
         truncated = [[truncate(r.detach(), dim).requires_grad_(caching) for r in rs] for rs in reps]
@@ -102,9 +170,51 @@ def _loss_stage(
         total = term if total is None else total + term
     if not caching:
         return total
-    inner_loss.cache = full_grads
+    # Report the gradients where the inner loss reads them: the cache its loss stage set (3.3, 3.4
+    # style) and the .grad of its embeddings (5.7 style).
+    if vars(inner_loss).get("cache", missing) is not cache_before:
+        inner_loss.cache = full_grads
+    for rs, gs in zip(reps, full_grads):
+        for r, g in zip(rs, gs):
+            if r.requires_grad and r.is_leaf:
+                r.grad = g if r.grad is None else r.grad + g
     # A fresh leaf: the inner forward registers its backward hook (the second forward pass) on it.
     return total.requires_grad_()
+
+
+class _Driver:
+    """The shadowed loss-stage methods of one call. The outermost loss-stage call does the Matryoshka
+    sum; a loss stage that calls another one (``calculate_loss_and_cache_gradients`` ->
+    ``calculate_loss(reps, with_backward=True)``) reaches the inner loss's own method."""
+
+    def __init__(self, inner_loss: nn.Module, dims_weights: list[tuple[int, float]]) -> None:
+        self.inner_loss = inner_loss
+        self.dims_weights = dims_weights
+        self.originals = {
+            name: getattr(inner_loss, name)
+            for name in LOSS_STAGE_METHODS
+            if callable(getattr(inner_loss, name, None))
+        }
+        self.active = False
+
+    def stage(self, name: str, reps: list[list[Tensor]], *args: Any, **kwargs: Any) -> Tensor:
+        method = self.originals[name]
+        if self.active:
+            return method(reps, *args, **kwargs)
+        caching = name == "calculate_loss_and_cache_gradients" or bool(_with_backward(method, args, kwargs))
+        self.active = True
+        try:
+            return _loss_stage(method, caching, self.inner_loss, self.dims_weights, reps, *args, **kwargs)
+        finally:
+            self.active = False
+
+    def replacements(self) -> dict[str, Callable[..., Tensor]]:
+        out = {}
+        for name in self.originals:
+            stage = partial(self.stage, name)
+            stage.__name__ = name  # type: ignore[attr-defined]
+            out[name] = stage
+        return out
 
 
 @contextmanager
@@ -129,16 +239,39 @@ def matryoshka_cached_forward(
 ) -> Tensor:
     """``MatryoshkaLoss.forward`` for a GradCache inner loss: truncate after the cache."""
     inner_loss = matryoshka_loss.loss
-    dims_weights = select_dims(matryoshka_loss)
-    replacements = {}
-    for name in LOSS_STAGE_METHODS:
-        method = getattr(inner_loss, name, None)
-        if callable(method):
-            stage = partial(_loss_stage, method, inner_loss, dims_weights)
-            stage.__name__ = name  # type: ignore[attr-defined]
-            replacements[name] = stage
-    with _shadowed(inner_loss, replacements):
+    check_loss_stage(inner_loss)
+    driver = _Driver(inner_loss, select_dims(matryoshka_loss))
+    with _shadowed(inner_loss, driver.replacements()):
         loss = inner_loss(sentence_features, labels)
     if not torch.is_grad_enabled():
         loss = loss.detach()
     return loss
+
+
+def refuse_under_adaptive_layers(owner: nn.Module, loss: nn.Module) -> None:
+    """``AdaptiveLayerLoss`` / ``Matryoshka2dLoss``: raise a clear ValueError when ``loss`` is a GradCache
+    loss or wraps one (e.g. inside ``MatryoshkaLoss``), instead of training with wrong gradients.
+
+    The GradCache loss re-embeds its mini-batches in a backward hook, after ``owner`` has removed the
+    decorators that select a layer's embeddings: every layer's gradient would land on the final layer's
+    embeddings, and the KL-divergence term would get none.
+    """
+    chain: list[nn.Module] = []
+    module: Any = loss
+    while isinstance(module, nn.Module) and all(module is not seen for seen in chain):
+        chain.append(module)
+        module = getattr(module, "loss", None)
+    cached = [index for index, module in enumerate(chain) if is_gradcache_loss(module)]
+    if not cached:
+        return
+    owner_name = type(owner).__name__
+    name = type(chain[cached[-1]]).__name__
+    wrappers = [type(module).__name__ for module in chain[: cached[-1]]]
+    inside = f" (inside {' inside '.join(reversed(wrappers))})" if wrappers else ""
+    plain = name[len("Cached") :] if name.startswith("Cached") else f"a non-cached counterpart of {name}"
+    raise ValueError(
+        f"{owner_name} with {name}{inside} is not supported with a gradient cache yet: {name} re-embeds its "
+        f"mini-batches in a backward hook, after {owner_name} has restored the model's layers, so every "
+        f"layer's gradient would land on the final layer's embeddings. Use {owner_name} with a loss without "
+        f"a gradient cache ({plain}), or MatryoshkaLoss alone with {name}."
+    )
