@@ -15,6 +15,7 @@ from .recipes import (
     SYMMETRIC,
     Concern,
     edit_matryoshka,
+    edit_matryoshka_check_dims,
     edit_matryoshka_sort_dims,
     edit_matryoshka_sorted_sample,
     edit_symmetric,
@@ -41,6 +42,7 @@ BACKPORT: tuple[Concern, ...] = (
         },
         releases=">=3.1.0",
     ),
+    Concern("matryoshka-check-dims-fit-embedding", {MATRYOSHKA: edit_matryoshka_check_dims}, releases="<2.7.0"),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
 )
 

@@ -171,6 +171,45 @@ def edit_matryoshka_sorted_sample(text: str) -> str:
     return head + sep + body
 
 
+SHRINK_CHECK = """\
+        tensor_dim = tensor.shape[-1]
+        if self.dim > tensor_dim:
+            raise ValueError(
+                f"Dimension {self.dim} in matryoshka_dims cannot be greater than the model's embedding dimension: {tensor_dim}"
+            )
+"""
+
+
+def edit_matryoshka_check_dims(text: str) -> str:
+    """MatryoshkaLoss: a dim wider than the embedding raises; model.forward is restored on errors (#2593, 2.7.0)."""
+    text = _sub_once(
+        r"^    def shrink\(self, tensor: Tensor\) -> Tensor:\n",
+        lambda m: m.group(0) + SHRINK_CHECK,
+        text,
+        MATRYOSHKA,
+    )
+
+    def try_finally(match: re.Match) -> str:
+        body = match.group(2).rstrip("\n").split("\n")
+        indented = "\n".join(f"    {line}" if line else "" for line in body)
+        return (
+            f"{match.group(1)}        try:\n{indented}\n"
+            "        finally:\n"
+            "            self.model.forward = original_forward\n"
+            "        return loss\n"
+        )
+
+    return _sub_once(
+        r"^(        original_forward = self\.model\.forward\n)"
+        r"((?:        [^\n]*\n|\n)*?)"
+        r"        self\.model\.forward = original_forward\n"
+        r"        return loss\n",
+        try_finally,
+        text,
+        MATRYOSHKA,
+    )
+
+
 @dataclass(frozen=True)
 class Concern:
     """One patch of a series: one reviewable change.
