@@ -18,6 +18,7 @@ from .recipes import (
     edit_matryoshka_check_dims,
     edit_matryoshka_sort_dims,
     edit_matryoshka_sorted_sample,
+    edit_matryoshka_validate_arguments,
     edit_symmetric,
 )
 
@@ -43,10 +44,16 @@ BACKPORT: tuple[Concern, ...] = (
         releases=">=3.1.0",
     ),
     Concern("matryoshka-check-dims-fit-embedding", {MATRYOSHKA: edit_matryoshka_check_dims}, releases="<2.7.0"),
+    Concern("matryoshka-validate-dims-and-weights", {MATRYOSHKA: edit_matryoshka_validate_arguments}),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
 )
 
 NATIVE_FIXES: tuple[Concern, ...] = (
     Concern("matryoshka-sorted-sample", {native.MATRYOSHKA_OLD: edit_matryoshka_sorted_sample}, releases="<4.0.0"),
     *native.NATIVE_FIXES,
+    Concern(
+        "matryoshka-validate-dims-and-weights",
+        {native.MATRYOSHKA_OLD: edit_matryoshka_validate_arguments},
+        releases="<5.1.2",  # 5.1.2 validates them (#3530)
+    ),
 )

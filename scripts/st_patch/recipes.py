@@ -210,6 +210,24 @@ def edit_matryoshka_check_dims(text: str) -> str:
     )
 
 
+def edit_matryoshka_validate_arguments(text: str) -> str:
+    """MatryoshkaLoss.__init__: reject empty or non-positive dims and weights of another length (#3530, 5.1.2)."""
+    return _sub_once(
+        r"^        if matryoshka_weights is None:\n"
+        r"            matryoshka_weights = \[1\] \* len\(matryoshka_dims\)\n",
+        "        if not matryoshka_dims:\n"
+        '            raise ValueError("You must provide at least one dimension in matryoshka_dims.")\n'
+        "        if any(dim <= 0 for dim in matryoshka_dims):\n"
+        '            raise ValueError("All dimensions passed to a matryoshka loss must be > 0.")\n'
+        "        if matryoshka_weights is None:\n"
+        "            matryoshka_weights = [1] * len(matryoshka_dims)\n"
+        "        elif len(matryoshka_weights) != len(matryoshka_dims):\n"
+        '            raise ValueError("matryoshka_weights must be the same length as matryoshka_dims.")\n',
+        text,
+        MATRYOSHKA,
+    )
+
+
 @dataclass(frozen=True)
 class Concern:
     """One patch of a series: one reviewable change.
