@@ -19,6 +19,7 @@ from .recipes import (
     edit_matryoshka_sort_dims,
     edit_matryoshka_sorted_sample,
     edit_matryoshka_validate_arguments,
+    edit_matryoshka_validate_n_dims_per_step,
     edit_symmetric,
 )
 
@@ -45,6 +46,11 @@ BACKPORT: tuple[Concern, ...] = (
     ),
     Concern("matryoshka-check-dims-fit-embedding", {MATRYOSHKA: edit_matryoshka_check_dims}, releases="<2.7.0"),
     Concern("matryoshka-validate-dims-and-weights", {MATRYOSHKA: edit_matryoshka_validate_arguments}),
+    Concern(
+        "matryoshka-validate-n-dims-per-step",
+        {MATRYOSHKA: edit_matryoshka_validate_n_dims_per_step},
+        releases=">=2.5.0",  # n_dims_per_step exists from 2.5.0
+    ),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
 )
 
@@ -55,5 +61,15 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         "matryoshka-validate-dims-and-weights",
         {native.MATRYOSHKA_OLD: edit_matryoshka_validate_arguments},
         releases="<5.1.2",  # 5.1.2 validates them (#3530)
+    ),
+    Concern(
+        "matryoshka-validate-n-dims-per-step",
+        {native.MATRYOSHKA_OLD: edit_matryoshka_validate_n_dims_per_step},
+        releases="<5.4.0",
+    ),
+    Concern(
+        "matryoshka-validate-n-dims-per-step",
+        {native.MATRYOSHKA_NEW: edit_matryoshka_validate_n_dims_per_step},
+        releases=">=5.4.0",
     ),
 )

@@ -228,6 +228,32 @@ def edit_matryoshka_validate_arguments(text: str) -> str:
     )
 
 
+def _matryoshka_class(text: str) -> tuple[str, str]:
+    """(everything before ``class MatryoshkaLoss(``, the class and what follows it)."""
+    head, sep, body = text.partition("\nclass MatryoshkaLoss(")
+    if not sep:
+        raise RecipeError(f"{MATRYOSHKA}: no class MatryoshkaLoss")
+    return head, sep + body
+
+
+NDPS_CHECK = """\
+        if n_dims_per_step == 0 or n_dims_per_step < -1:
+            raise ValueError(
+                "n_dims_per_step must be a positive number of dimensions to sample per step, "
+                f"or -1 to use all dimensions, not {n_dims_per_step}."
+            )
+"""
+
+
+def edit_matryoshka_validate_n_dims_per_step(text: str) -> str:
+    """MatryoshkaLoss.__init__: n_dims_per_step 0 or below -1 raises instead of silently meaning "all"."""
+    head, body = _matryoshka_class(text)
+    body = _sub_once(
+        r"^        self\.n_dims_per_step = n_dims_per_step\n", lambda m: NDPS_CHECK + m.group(0), body, MATRYOSHKA
+    )
+    return head + body
+
+
 @dataclass(frozen=True)
 class Concern:
     """One patch of a series: one reviewable change.
