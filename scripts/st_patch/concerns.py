@@ -72,4 +72,9 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         {native.MATRYOSHKA_NEW: edit_matryoshka_validate_n_dims_per_step},
         releases=">=5.4.0",
     ),
+    Concern(
+        "native-gradcache-surrogate-dtype",
+        {native.GRADCACHE: native.edit_gradcache_surrogate_dtype},
+        releases=">=5.7.0,<6.2.0",  # 6.2.0 promotes the dtypes itself
+    ),
 )
