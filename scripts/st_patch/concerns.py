@@ -16,6 +16,7 @@ from .recipes import (
     Concern,
     edit_matryoshka,
     edit_matryoshka_check_dims,
+    edit_matryoshka_same_dims_on_every_rank,
     edit_matryoshka_sort_dims,
     edit_matryoshka_sorted_sample,
     edit_matryoshka_validate_arguments,
@@ -51,6 +52,9 @@ BACKPORT: tuple[Concern, ...] = (
         {MATRYOSHKA: edit_matryoshka_validate_n_dims_per_step},
         releases=">=2.5.0",  # n_dims_per_step exists from 2.5.0
     ),
+    Concern(
+        "matryoshka-same-dims-on-every-rank", {MATRYOSHKA: edit_matryoshka_same_dims_on_every_rank}, releases=">=2.5.0"
+    ),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
 )
 
@@ -76,5 +80,15 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         "native-gradcache-surrogate-dtype",
         {native.GRADCACHE: native.edit_gradcache_surrogate_dtype},
         releases=">=5.7.0,<6.2.0",  # 6.2.0 promotes the dtypes itself
+    ),
+    Concern(
+        "matryoshka-same-dims-on-every-rank",
+        {native.MATRYOSHKA_OLD: edit_matryoshka_same_dims_on_every_rank},
+        releases="<5.4.0",
+    ),
+    Concern(
+        "matryoshka-same-dims-on-every-rank",
+        {native.MATRYOSHKA_NEW: edit_matryoshka_same_dims_on_every_rank},
+        releases=">=5.4.0",
     ),
 )

@@ -254,6 +254,51 @@ def edit_matryoshka_validate_n_dims_per_step(text: str) -> str:
     return head + body
 
 
+SAMPLE_DIM_INDICES = '''\
+def sample_dim_indices(dim_indices: range, n_dims_per_step: int) -> {list_of_int}:
+    """``random.sample(dim_indices, n_dims_per_step)``, the same on every rank of a process group.
+
+    Under an initialised torch.distributed process group every rank uses rank 0's sample: ranks whose
+    Python random state differs would otherwise train different dimensions in the same step, and a loss
+    that gathers embeddings across ranks (one all-gather per dimension) would call collectives of
+    different sizes, which aborts or hangs the job. Every rank still draws its own sample, so its random
+    state advances exactly as in a single process.
+    """
+    sampled = random.sample(dim_indices, n_dims_per_step)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [sampled]
+        dist.broadcast_object_list(shared, src=0)
+        sampled = shared[0]
+    return sampled
+
+
+'''
+
+
+def edit_matryoshka_same_dims_on_every_rank(text: str) -> str:
+    """MatryoshkaLoss: every rank of a torch.distributed process group samples rank 0's dimensions."""
+    calls = text.count("random.sample(")
+    text, count = re.subn(
+        r"\brandom\.sample\(dim_indices, self\.n_dims_per_step\)",
+        "sample_dim_indices(dim_indices, self.n_dims_per_step)",
+        text,
+    )
+    if count == 0 or count != calls:
+        raise RecipeError(f"{MATRYOSHKA}: expected every random.sample call to sample dim_indices, found {calls}")
+    text = _sub_once(
+        r"^import torch\.nn\.functional as F\n", lambda m: "import torch.distributed\n" + m.group(0), text, MATRYOSHKA
+    )
+    # Without postponed annotations (before 3.1.0) ``list[int]`` fails on Python 3.8, which those releases support.
+    if "from __future__ import annotations" in text:
+        helper = SAMPLE_DIM_INDICES.format(list_of_int="list[int]")
+    elif re.search(r"^from typing import [^\n]*\bList\b", text, flags=re.M):
+        helper = SAMPLE_DIM_INDICES.format(list_of_int="List[int]")
+    else:
+        raise RecipeError(f"{MATRYOSHKA}: neither postponed annotations nor typing.List")
+    return _sub_once(r"^class ForwardDecorator\b", lambda m: helper + m.group(0), text, MATRYOSHKA)
+
+
 @dataclass(frozen=True)
 class Concern:
     """One patch of a series: one reviewable change.
