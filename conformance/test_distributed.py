@@ -162,6 +162,7 @@ def _run_ranks(tmp_path: Path, master_model, features_per_rank, cls, cached: boo
 
 @pytest.mark.skipif(not compat.MATRYOSHKA_HAS_NDPS, reason="MatryoshkaLoss has no n_dims_per_step before 2.5.0")
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="the ranks are forked")
 @pytest.mark.parametrize("cached", [pytest.param(True, id="CMNRL"), pytest.param(False, id="MNRL")])
 def test_ranks_train_the_same_widths(cached, master_model, texts, tmp_path):
     assert _sample(SEEDS[0]) != _sample(SEEDS[1]), "the seeds must make upstream's sampling differ per rank"
