@@ -129,6 +129,9 @@ def pytest_configure(config):
     # Tiny models: intra-op threads only add OpenMP spin-waits, and with xdist (-n 2 on 2 cores) they
     # oversubscribe the machine (measured: 0.3 s -> 5 s per check). One thread per worker.
     torch.set_num_threads(1)
+    config.addinivalue_line(
+        "markers", "distributed: launches ranks of a torch.distributed (gloo, CPU) process group (test_distributed.py)"
+    )
 
 
 def pytest_addoption(parser):

@@ -1,7 +1,8 @@
 """Bad MatryoshkaLoss arguments must give a clear error, not a silently different loss.
 
 Why: upstream slices ``emb[..., :d]``, so a negative dim silently trains ``width + d`` components,
-dim 0 trains a constant loss, and ``zip`` silently drops dims when the weights list is shorter.
+dim 0 trains a constant loss, ``zip`` silently drops dims when the weights list is shorter, and
+``n_dims_per_step`` 0 or below -1 silently means "all dims".
 "Clear" = a ValueError (at construction or at the first step) whose message names the offending
 argument. Where a release cannot or does not validate, the registry records it.
 """
@@ -21,6 +22,7 @@ BAD = {
     "dims-negative": dict(dims=[32, -4]),
     "weights-wrong-length": dict(dims=[32, 16], weights=[1.0]),
     "n_dims_per_step-zero": dict(dims=[32, 16], n_dims_per_step=0),
+    "n_dims_per_step-negative": dict(dims=[32, 16], n_dims_per_step=-2),  # only -1 means "all dims"
 }
 WORDS_IN_A_CLEAR_MESSAGE = ("dim", "weight", "n_dims_per_step")
 

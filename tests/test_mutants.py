@@ -38,6 +38,11 @@ MUTANTS = {
         "pass",
         "test_inner_alone_afterwards",
     ),
+    "widths-differ-across-ranks": (  # under torch.distributed every rank must train rank 0's sample
+        "dim_indices = _same_on_every_rank(random.sample(dim_indices, n_dims_per_step))",
+        "dim_indices = random.sample(dim_indices, n_dims_per_step)",
+        "test_ranks_train_the_same_widths",
+    ),
     "loss-stage-over-the-whole-batch": (  # upstream #3107: one graph over every mini-batch
         "            loss = inner_method(truncated, *args, **kwargs)",
         "            chunk, inner_loss.mini_batch_size = inner_loss.mini_batch_size, 10**9\n"

@@ -17,8 +17,12 @@ from .recipes import (
     Concern,
     edit_adaptive_layer,
     edit_matryoshka,
+    edit_matryoshka_check_dims,
+    edit_matryoshka_same_dims_on_every_rank,
     edit_matryoshka_sort_dims,
     edit_matryoshka_sorted_sample,
+    edit_matryoshka_validate_arguments,
+    edit_matryoshka_validate_n_dims_per_step,
     edit_symmetric,
 )
 
@@ -55,10 +59,50 @@ BACKPORT: tuple[Concern, ...] = (
         },
         releases=">=3.1.0",
     ),
+    Concern("matryoshka-check-dims-fit-embedding", {MATRYOSHKA: edit_matryoshka_check_dims}, releases="<2.7.0"),
+    Concern("matryoshka-validate-dims-and-weights", {MATRYOSHKA: edit_matryoshka_validate_arguments}),
+    Concern(
+        "matryoshka-validate-n-dims-per-step",
+        {MATRYOSHKA: edit_matryoshka_validate_n_dims_per_step},
+        releases=">=2.5.0",  # n_dims_per_step exists from 2.5.0
+    ),
+    Concern(
+        "matryoshka-same-dims-on-every-rank", {MATRYOSHKA: edit_matryoshka_same_dims_on_every_rank}, releases=">=2.5.0"
+    ),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
 )
 
 NATIVE_FIXES: tuple[Concern, ...] = (
     Concern("matryoshka-sorted-sample", {native.MATRYOSHKA_OLD: edit_matryoshka_sorted_sample}, releases="<4.0.0"),
     *native.NATIVE_FIXES,
+    Concern(
+        "matryoshka-validate-dims-and-weights",
+        {native.MATRYOSHKA_OLD: edit_matryoshka_validate_arguments},
+        releases="<5.1.2",  # 5.1.2 validates them (#3530)
+    ),
+    Concern(
+        "matryoshka-validate-n-dims-per-step",
+        {native.MATRYOSHKA_OLD: edit_matryoshka_validate_n_dims_per_step},
+        releases="<5.4.0",
+    ),
+    Concern(
+        "matryoshka-validate-n-dims-per-step",
+        {native.MATRYOSHKA_NEW: edit_matryoshka_validate_n_dims_per_step},
+        releases=">=5.4.0",
+    ),
+    Concern(
+        "native-gradcache-surrogate-dtype",
+        {native.GRADCACHE: native.edit_gradcache_surrogate_dtype},
+        releases=">=5.7.0,<6.2.0",  # 6.2.0 promotes the dtypes itself
+    ),
+    Concern(
+        "matryoshka-same-dims-on-every-rank",
+        {native.MATRYOSHKA_OLD: edit_matryoshka_same_dims_on_every_rank},
+        releases="<5.4.0",
+    ),
+    Concern(
+        "matryoshka-same-dims-on-every-rank",
+        {native.MATRYOSHKA_NEW: edit_matryoshka_same_dims_on_every_rank},
+        releases=">=5.4.0",
+    ),
 )

@@ -204,6 +204,134 @@ def edit_matryoshka_sorted_sample(text: str) -> str:
     return head + sep + body
 
 
+SHRINK_CHECK = """\
+        tensor_dim = tensor.shape[-1]
+        if self.dim > tensor_dim:
+            raise ValueError(
+                f"Dimension {self.dim} in matryoshka_dims cannot be greater than the model's embedding dimension: {tensor_dim}"
+            )
+"""
+
+
+def edit_matryoshka_check_dims(text: str) -> str:
+    """MatryoshkaLoss: a dim wider than the embedding raises; model.forward is restored on errors (#2593, 2.7.0)."""
+    text = _sub_once(
+        r"^    def shrink\(self, tensor: Tensor\) -> Tensor:\n",
+        lambda m: m.group(0) + SHRINK_CHECK,
+        text,
+        MATRYOSHKA,
+    )
+
+    def try_finally(match: re.Match) -> str:
+        body = match.group(2).rstrip("\n").split("\n")
+        indented = "\n".join(f"    {line}" if line else "" for line in body)
+        return (
+            f"{match.group(1)}        try:\n{indented}\n"
+            "        finally:\n"
+            "            self.model.forward = original_forward\n"
+            "        return loss\n"
+        )
+
+    return _sub_once(
+        r"^(        original_forward = self\.model\.forward\n)"
+        r"((?:        [^\n]*\n|\n)*?)"
+        r"        self\.model\.forward = original_forward\n"
+        r"        return loss\n",
+        try_finally,
+        text,
+        MATRYOSHKA,
+    )
+
+
+def edit_matryoshka_validate_arguments(text: str) -> str:
+    """MatryoshkaLoss.__init__: reject empty or non-positive dims and weights of another length (#3530, 5.1.2)."""
+    return _sub_once(
+        r"^        if matryoshka_weights is None:\n"
+        r"            matryoshka_weights = \[1\] \* len\(matryoshka_dims\)\n",
+        "        if not matryoshka_dims:\n"
+        '            raise ValueError("You must provide at least one dimension in matryoshka_dims.")\n'
+        "        if any(dim <= 0 for dim in matryoshka_dims):\n"
+        '            raise ValueError("All dimensions passed to a matryoshka loss must be > 0.")\n'
+        "        if matryoshka_weights is None:\n"
+        "            matryoshka_weights = [1] * len(matryoshka_dims)\n"
+        "        elif len(matryoshka_weights) != len(matryoshka_dims):\n"
+        '            raise ValueError("matryoshka_weights must be the same length as matryoshka_dims.")\n',
+        text,
+        MATRYOSHKA,
+    )
+
+
+def _matryoshka_class(text: str) -> tuple[str, str]:
+    """(everything before ``class MatryoshkaLoss(``, the class and what follows it)."""
+    head, sep, body = text.partition("\nclass MatryoshkaLoss(")
+    if not sep:
+        raise RecipeError(f"{MATRYOSHKA}: no class MatryoshkaLoss")
+    return head, sep + body
+
+
+NDPS_CHECK = """\
+        if n_dims_per_step == 0 or n_dims_per_step < -1:
+            raise ValueError(
+                "n_dims_per_step must be a positive number of dimensions to sample per step, "
+                f"or -1 to use all dimensions, not {n_dims_per_step}."
+            )
+"""
+
+
+def edit_matryoshka_validate_n_dims_per_step(text: str) -> str:
+    """MatryoshkaLoss.__init__: n_dims_per_step 0 or below -1 raises instead of silently meaning "all"."""
+    head, body = _matryoshka_class(text)
+    body = _sub_once(
+        r"^        self\.n_dims_per_step = n_dims_per_step\n", lambda m: NDPS_CHECK + m.group(0), body, MATRYOSHKA
+    )
+    return head + body
+
+
+SAMPLE_DIM_INDICES = '''\
+def sample_dim_indices(dim_indices: range, n_dims_per_step: int) -> {list_of_int}:
+    """``random.sample(dim_indices, n_dims_per_step)``, the same on every rank of a process group.
+
+    Under an initialised torch.distributed process group every rank uses rank 0's sample: ranks whose
+    Python random state differs would otherwise train different dimensions in the same step, and a loss
+    that gathers embeddings across ranks (one all-gather per dimension) would call collectives of
+    different sizes, which aborts or hangs the job. Every rank still draws its own sample, so its random
+    state advances exactly as in a single process.
+    """
+    sampled = random.sample(dim_indices, n_dims_per_step)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [sampled]
+        dist.broadcast_object_list(shared, src=0)
+        sampled = shared[0]
+    return sampled
+
+
+'''
+
+
+def edit_matryoshka_same_dims_on_every_rank(text: str) -> str:
+    """MatryoshkaLoss: every rank of a torch.distributed process group samples rank 0's dimensions."""
+    calls = text.count("random.sample(")
+    text, count = re.subn(
+        r"\brandom\.sample\(dim_indices, self\.n_dims_per_step\)",
+        "sample_dim_indices(dim_indices, self.n_dims_per_step)",
+        text,
+    )
+    if count == 0 or count != calls:
+        raise RecipeError(f"{MATRYOSHKA}: expected every random.sample call to sample dim_indices, found {calls}")
+    text = _sub_once(
+        r"^import torch\.nn\.functional as F\n", lambda m: "import torch.distributed\n" + m.group(0), text, MATRYOSHKA
+    )
+    # Without postponed annotations (before 3.1.0) ``list[int]`` fails on Python 3.8, which those releases support.
+    if "from __future__ import annotations" in text:
+        helper = SAMPLE_DIM_INDICES.format(list_of_int="list[int]")
+    elif re.search(r"^from typing import [^\n]*\bList\b", text, flags=re.M):
+        helper = SAMPLE_DIM_INDICES.format(list_of_int="List[int]")
+    else:
+        raise RecipeError(f"{MATRYOSHKA}: neither postponed annotations nor typing.List")
+    return _sub_once(r"^class ForwardDecorator\b", lambda m: helper + m.group(0), text, MATRYOSHKA)
+
+
 @dataclass(frozen=True)
 class Concern:
     """One patch of a series: one reviewable change.

@@ -325,6 +325,36 @@ def edit_matryoshka_detect_protocol(text: str) -> str:
     )
 
 
+# --- 8. the GradCache surrogate keeps float64 precision (5.7.0 - 6.1.x) -----------------------------
+
+GRADCACHE = "sentence_transformers/base/losses/gradcache.py"
+
+SURROGATE = """\
+{i}# Under autocast the cached gradients are reduced-precision while this re-embedding
+{i}# (inside backward, outside autocast) is fp32: compute the surrogate in the promoted
+{i}# dtype, at least fp32, so that float64 keeps its precision.
+{i}surrogate_dtype = torch.promote_types(reps_mb.dtype, grad_mb.dtype)
+{i}if surrogate_dtype in (torch.float16, torch.bfloat16):
+{i}    surrogate_dtype = torch.float32
+{i}surrogate = (
+{i}    torch.dot(reps_mb.flatten().to(surrogate_dtype), grad_mb.flatten().to(surrogate_dtype))
+{i}    * grad_output
+{i})
+"""
+
+
+def edit_gradcache_surrogate_dtype(text: str) -> str:
+    """_backward_hook: the surrogate in the promoted dtype (at least fp32), not always fp32, as 6.2.0 does."""
+    return _sub_once(
+        r"^( +)# Under autocast the cached gradients are reduced-precision while this re-embedding\n"
+        r"\1# \(inside backward, outside autocast\) is fp32, so compute the surrogate in fp32\.\n"
+        r"\1surrogate = torch\.dot\(reps_mb\.flatten\(\)\.float\(\), grad_mb\.flatten\(\)\.float\(\)\) \* grad_output\n",
+        lambda m: SURROGATE.format(i=m.group(1)),
+        text,
+        GRADCACHE,
+    )
+
+
 #: In patch order.
 NATIVE_FIXES: tuple[Concern, ...] = (
     Concern(

@@ -117,14 +117,30 @@ def truncate(embeddings: Tensor, dim: int) -> Tensor:
 
 
 def select_dims(matryoshka_loss: nn.Module) -> list[tuple[int, float]]:
-    """The (dim, weight) pairs used in this step, sampled exactly as the non-cached path samples them."""
+    """The (dim, weight) pairs used in this step, sampled exactly as the non-cached path samples them (and the
+    same on every rank of a torch.distributed process group)."""
     dims = matryoshka_loss.matryoshka_dims
     weights = matryoshka_loss.matryoshka_weights
     n_dims_per_step = getattr(matryoshka_loss, "n_dims_per_step", -1)
     dim_indices = range(len(dims))
     if n_dims_per_step > 0 and n_dims_per_step < len(dim_indices):
-        dim_indices = random.sample(dim_indices, n_dims_per_step)
+        dim_indices = _same_on_every_rank(random.sample(dim_indices, n_dims_per_step))
     return [(dims[idx], weights[idx]) for idx in dim_indices]
+
+
+def _same_on_every_rank(sampled: list[int]) -> list[int]:
+    """Rank 0's sample on every rank of an initialised torch.distributed process group, else ``sampled``.
+
+    Ranks whose random state differs must still train the same dimensions in a step (a loss that gathers
+    across ranks calls one collective per dimension); each rank has drawn its own sample all the same, so
+    its random state advances exactly as in a single process.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [sampled]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+    return sampled
 
 
 def _full_width_grad(full: Tensor, dim: int, truncated_grad: Tensor) -> Tensor:

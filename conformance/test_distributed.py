@@ -1,0 +1,191 @@
+"""MatryoshkaLoss under torch.distributed: every rank must train the same widths in a step.
+
+Why: with ``n_dims_per_step`` each step samples its widths with Python's ``random``. Ranks whose random
+state differs (per-rank seeds, or anything rank-dependent that draws from ``random``) sample different
+widths. Where the inner loss gathers across ranks (``gather_across_devices=True``, 5.1+), every width is
+one all-gather: ranks with different widths call collectives of different sizes and a gloo job aborts
+("Received data size doesn't match expected size") or hangs. Without gathering, the ranks silently
+train different widths in one optimizer step.
+
+How: two ranks of a gloo process group on CPU, forked from this process (the tiny models and the
+tokenised batch are already built; nothing is re-imported), each seeding ``random`` differently, run
+:data:`STEPS` steps of ``MatryoshkaLoss(inner, [32, 16, 8, 4], n_dims_per_step=2)`` on their half of a
+12-row batch. Each rank records the widths its inner loss sees (through the similarity function) and its
+parameter gradients. The check: both ranks finish, they used the same widths in every step, and, where
+the inner loss gathers across devices, the gradients averaged over the ranks (what DDP applies) equal the
+float64 reference of the whole batch with those widths. Bounded: a rank that dies or hangs fails the
+check with what is known after at most :data:`TIMEOUT_S` seconds, and every rank still running is killed.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import multiprocessing
+import os
+import random
+import time
+import traceback
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+from conformance import compat, oracle
+from conformance.recording import assert_close_recorded
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+ROWS_PER_RANK = 6
+COLUMNS = 2
+DIMS = (32, 16, 8, 4)
+N_DIMS_PER_STEP = 2
+STEPS = 3
+#: Per-rank seeds of Python's random: upstream's ``random.sample`` draws different widths from them in
+#: the first step (asserted below), so ranks that do not agree on the widths cannot pass by chance.
+SEEDS = (11, 12)
+#: Collective timeout of the process group, and the deadline of the whole check.
+PG_TIMEOUT_S = 30
+TIMEOUT_S = 90
+#: After one rank has failed, how long the others get to finish (or fail) on their own before being killed.
+GRACE_S = 5
+
+
+def _sample(seed: int) -> list[int]:
+    return sorted(random.Random(seed).sample(range(len(DIMS)), N_DIMS_PER_STEP))
+
+
+def _gathers(cls) -> bool:
+    return cls is not None and "gather_across_devices" in inspect.signature(cls.__init__).parameters
+
+
+def _inner_loss(cls, model, cached: bool, record):
+    util = compat.similarity_fn("cos")
+
+    def similarity(a, b):
+        record(a.shape[-1])
+        return util(a, b)
+
+    kwargs = {"similarity_fct": similarity}
+    if cached:
+        kwargs["mini_batch_size"] = 4
+    if _gathers(cls):
+        kwargs["gather_across_devices"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(model, **kwargs)
+
+
+def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cached: bool) -> None:
+    """One rank: join the group, run the steps, write ``rank<r>.pt`` (or ``rank<r>.err``), leave."""
+    import torch.distributed as dist
+
+    try:
+        # A rank that aborts (gloo throws from C++) says why only on stderr: keep it for the report.
+        log = os.open(Path(out) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 2)
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S)
+        )
+        random.seed(SEEDS[rank])
+        model = copy.deepcopy(master_model).train()
+        steps: list[list[int]] = []
+
+        def record(width: int) -> None:
+            if width not in steps[-1]:
+                steps[-1].append(width)
+
+        loss_fn = compat.matryoshka_loss(model, _inner_loss(cls, model, cached, record), DIMS, None, N_DIMS_PER_STEP)
+        grads = []
+        for _ in range(STEPS):
+            steps.append([])
+            model.zero_grad(set_to_none=True)
+            loss_fn([dict(f) for f in features], None).backward()
+            grads.append(oracle.parameter_grads(model))
+        dist.barrier()
+        dist.destroy_process_group()
+        torch.save({"widths": steps, "grads": grads}, Path(out) / f"rank{rank}.pt")
+    except BaseException:  # noqa: BLE001 - reported by the parent, which fails the check
+        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
+        os._exit(1)
+
+
+def _run_ranks(tmp_path: Path, master_model, features_per_rank, cls, cached: bool) -> list[dict]:
+    """Fork the ranks, wait for them (bounded), kill what is left; the ranks' results, or pytest.fail."""
+    ctx = multiprocessing.get_context("fork")
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(rank, str(tmp_path / "store"), str(tmp_path), master_model, features_per_rank[rank], cls, cached),
+            daemon=True,
+        )
+        for rank in range(WORLD)
+    ]
+    start = time.monotonic()
+    for proc in procs:
+        proc.start()
+    deadline = start + TIMEOUT_S
+    try:
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                deadline = min(deadline, time.monotonic() + GRACE_S)
+            time.sleep(0.1)
+    finally:
+        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(10)
+    elapsed = time.monotonic() - start
+    problems = []
+    for rank, proc in enumerate(procs):
+        err = tmp_path / f"rank{rank}.err"
+        if err.exists():
+            last = [ln for ln in err.read_text().strip().splitlines() if ln.strip()][-1]
+            problems.append(f"rank {rank} raised {last.strip()[:300]}")
+        elif rank in hung:
+            problems.append(f"rank {rank} still running after {elapsed:.0f} s (killed)")
+        elif proc.exitcode != 0:
+            how = f"signal {-proc.exitcode}" if proc.exitcode and proc.exitcode < 0 else f"exit code {proc.exitcode}"
+            log = tmp_path / f"rank{rank}.log"
+            said = [ln.strip() for ln in log.read_text(errors="replace").splitlines()] if log.exists() else []
+            said = [ln for ln in said if ln.startswith("what():")] or said[-1:]
+            problems.append(f"rank {rank} died ({how})" + (f": {said[0][:300]}" if said else ""))
+    if problems:
+        pytest.fail("ranks did not complete: " + "; ".join(problems), pytrace=False)
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+@pytest.mark.skipif(not compat.MATRYOSHKA_HAS_NDPS, reason="MatryoshkaLoss has no n_dims_per_step before 2.5.0")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="the ranks are forked")
+@pytest.mark.parametrize("cached", [pytest.param(True, id="CMNRL"), pytest.param(False, id="MNRL")])
+def test_ranks_train_the_same_widths(cached, master_model, texts, tmp_path):
+    assert _sample(SEEDS[0]) != _sample(SEEDS[1]), "the seeds must make upstream's sampling differ per rank"
+    cls = compat.loss_class(compat.LOSS_NAMES["mnrl"][1 if cached else 0])
+    rows = WORLD * ROWS_PER_RANK
+    batch = [compat.tokenize(master_model, col[:rows]) for col in texts[:COLUMNS]]
+
+    def rank_rows(rank: int) -> list[dict]:
+        part = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+        return [{k: v[part] if isinstance(v, torch.Tensor) else v for k, v in column.items()} for column in batch]
+
+    results = _run_ranks(tmp_path, master_model, [rank_rows(r) for r in range(WORLD)], cls, cached)
+
+    widths = [r["widths"] for r in results]
+    assert widths[0] == widths[1], f"ranks trained different widths per step: rank 0 {widths[0]}, rank 1 {widths[1]}"
+    if not _gathers(cls):
+        return
+    # Gathering across devices, each rank's loss is its anchors against every rank's candidates; DDP averages
+    # the ranks' gradients, which is then the gradient of the loss over the whole batch.
+    model = copy.deepcopy(master_model).train()
+    spec = oracle.InnerSpec(kind="mnrl")
+    for step, step_widths in enumerate(widths[0]):
+        mat = oracle.MatryoshkaSpec(dims=tuple(step_widths))
+        _, ref_grads = oracle.reference(model, batch, spec, mat)
+        mean = {name: sum(r["grads"][step][name] for r in results) / WORLD for name in ref_grads}
+        assert_close_recorded(mean, ref_grads, what=f"step {step}: gradients averaged over the ranks")
