@@ -208,16 +208,19 @@ def test_demo_flow_reports_the_series_it_applied(tmp_path, monkeypatch):
 
 
 def test_make_passes_the_variables():
+    # not the variables of a make that runs these tests (make test-fast JOBS=2 exports them in MAKEFLAGS)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "JOBS")}
     result = subprocess.run(
         ["make", "-n", "matrix", "VERSIONS=3.3.1 5.3.0", "LANE=oldest", "JOBS=3", "FORCE=1"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     command = " ".join(result.stdout.replace("\\\n", " ").split())
     assert '-m tools.matrix --lane oldest --versions "3.3.1 5.3.0" --jobs 3 --force' in command
-    result = subprocess.run(["make", "-n", "matrix"], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run(["make", "-n", "matrix"], cwd=ROOT, capture_output=True, text=True, check=True, env=env)
     assert "--jobs" not in result.stdout and "--force" not in result.stdout  # default: core count, resumable
 
 
