@@ -75,14 +75,16 @@ tox.ini: ## regenerate tox.ini from releases.toml
 	$(PYTHON) -m tools.toxgen
 
 .PHONY: readme
-readme: ## regenerate the README's support table from the manifest
+readme: ## regenerate the README's support and patch tables from the manifest and the concerns
 	$(PYTHON) -m tools.readme
 
+.PHONY: generate
+generate: $(DEV_STAMP) ## regenerate everything generated: the series and manifest, tox.ini and the workflow, the README tables
+	$(PYTHON) -m tools.generated
+
 .PHONY: check-generated
-check-generated: ## fail if patches/, tox.ini or the README table differ from what their sources generate
-	$(PYTHON) -m tools.series --check
-	$(PYTHON) -m tools.toxgen --check
-	$(PYTHON) -m tools.readme --check
+check-generated: $(DEV_STAMP) ## fail if anything generated differs from what its sources generate (one mechanism: tools/generated.py)
+	$(PYTHON) -m tools.generated --check
 
 .PHONY: review
 review: ## for reviewers: ARGS="--release 3.3.1" (patched files vs upstream's native code), "--range-diff A B", "--adjacent"

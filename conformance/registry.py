@@ -44,7 +44,7 @@ class Defect:
     states: tuple[str, ...]
     reason: str
     upstream: str
-    fixed_by: str = ""  # the patch of this project's series that fixes it (then: states == ("native",))
+    fixed_by: tuple[str, ...] = ()  # the patches (concern slugs) that fix it (then: states == ("native",))
 
     def applies(self, release: str, state: str) -> bool:
         return state in self.states and Version(release) in self.releases
@@ -55,6 +55,13 @@ class Defect:
 
 def _compile(pattern: str) -> re.Pattern:
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern))
+
+
+def _slugs(entry: dict, path: Path) -> tuple[str, ...]:
+    fixed_by = entry.get("fixed_by", [])
+    if not isinstance(fixed_by, list) or not all(isinstance(s, str) and s for s in fixed_by):
+        raise ValueError(f"{path}: defect {entry['id']!r}: fixed_by must be a list of patch slugs")
+    return tuple(fixed_by)
 
 
 def load(path: Path = REGISTRY_PATH) -> list[Defect]:
@@ -83,7 +90,7 @@ def load(path: Path = REGISTRY_PATH) -> list[Defect]:
                 states=states,
                 reason=" ".join(entry["reason"].split()),
                 upstream=entry["upstream"],
-                fixed_by=entry.get("fixed_by", ""),
+                fixed_by=_slugs(entry, path),
             )
         )
     ids = [d.id for d in defects]

@@ -8,6 +8,9 @@ fix series (releases marked "native") fixes upstream's native support. Recipes l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 from . import recipes_native as native
 from .recipes import (
     ADAPTIVE_LAYER,
@@ -40,10 +43,10 @@ BACKPORT: tuple[Concern, ...] = (
         (f"{LOSSES}/_matryoshka_cache.py",),
         releases=">=2.5.0",
     ),
-    Concern("cmnsrl-symmetric-across-mini-batches", {SYMMETRIC: edit_symmetric}),
+    Concern("cmnsrl-symmetric-across-mini-batches", {SYMMETRIC: edit_symmetric}, releases=">=3.1.0"),
     Concern("matryoshka-sort-dims", {MATRYOSHKA: edit_matryoshka_sort_dims}, releases="<3.0.1"),
     Concern("matryoshka-sorted-sample", {MATRYOSHKA: edit_matryoshka_sorted_sample}, releases=">=2.5.0,<4.0.0"),
-    Concern("native-gist-guide-on-feature-copies", {native.GIST_OLD: native.edit_gist_guide_copy}),
+    Concern("native-gist-guide-on-feature-copies", {native.GIST_OLD: native.edit_gist_guide_copy}, releases=">=2.6.0"),
     Concern("native-gradcache-hook-binds-cache", {native.CMNRL_OLD: native.edit_hook_binds_cache}, releases="<2.7.0"),
     Concern(
         "native-gradcache-hook-binds-cache",
@@ -106,3 +109,46 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         releases=">=5.4.0",
     ),
 )
+
+
+# --- what the README and the registry check read: one patch per slug ---------------------------------
+
+MESSAGES = Path(__file__).resolve().parents[2] / "patches" / "source" / "messages"
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One patch (all the concerns of one slug): its commit subject and DEP-3 fields, from its message."""
+
+    slug: str
+    subject: str
+    fields: dict[str, str]
+
+    @property
+    def applied_upstream(self) -> str:
+        return self.fields.get("Applied-Upstream", "")
+
+
+def patch(slug: str) -> Patch:
+    lines = (MESSAGES / f"{slug}.txt").read_text().splitlines()
+    fields = {}
+    for line in lines:
+        key, sep, value = line.partition(": ")
+        if sep and key in ("Description", "Origin", "Bug", "Forwarded", "Applied-Upstream"):
+            fields.setdefault(key, value.strip())
+    return Patch(slug, lines[0].strip(), fields)
+
+
+def slugs() -> list[str]:
+    """Every patch, in patch order (backport series first)."""
+    return list(dict.fromkeys(c.slug for c in (*BACKPORT, *NATIVE_FIXES)))
+
+
+def releases_with(slug: str, table) -> list[str]:
+    """The releases of ``table`` whose series carries the patch ``slug`` (by the concerns' ranges)."""
+    out = []
+    for release in table:
+        kind = BACKPORT if release.support == "patched" else NATIVE_FIXES
+        if any(c.slug == slug and c.in_range(release.version) for c in kind):
+            out.append(release.version)
+    return out

@@ -336,8 +336,9 @@ def edit_matryoshka_same_dims_on_every_rank(text: str) -> str:
 class Concern:
     """One patch of a series: one reviewable change.
 
-    A concern applies to a release when the release is in ``releases`` and has every file it edits.
-    Concerns sharing a slug (one message) may exist once per module layout.
+    A concern applies to the releases of its kind (backport or fix series) inside ``releases``; each of
+    them must have every file it edits. Concerns sharing a slug (one patch, one message) exist once per
+    module layout, with disjoint ranges.
     """
 
     slug: str  # names patches/source/messages/<slug>.txt
@@ -345,5 +346,18 @@ class Concern:
     adds: tuple[str, ...] = ()  # files copied from patches/source/files/
     releases: str = ""  # a packaging specifier; empty: every release
 
+    def in_range(self, version: str) -> bool:
+        return Version(version) in SpecifierSet(self.releases)
+
     def applies(self, tree: Path, version: str) -> bool:
-        return Version(version) in SpecifierSet(self.releases) and all((tree / p).exists() for p in self.edits)
+        """Whether the release gets this patch: its range says so. A file the concern edits that the
+        release lacks inside that range is an error (the range is wrong), never a silent skip."""
+        if not self.in_range(version):
+            return False
+        missing = [p for p in self.edits if not (tree / p).exists()]
+        if missing:
+            raise RecipeError(
+                f"concern {self.slug}: {', '.join(missing)} missing in sentence-transformers {version}, which is "
+                f"inside its declared range {self.releases or '(every release)'}; fix the range in concerns.py"
+            )
+        return True
