@@ -92,7 +92,10 @@ class Series:
 
 
 @dataclass
-class Release:
+class Entry:
+    """What the manifest says of one release: its support and its series (the table row is
+    tools.releases.Release)."""
+
     version: str
     support: str
     series: str | None
@@ -101,10 +104,10 @@ class Release:
 @dataclass
 class Manifest:
     path: Path
-    releases: Dict[str, Release]
+    releases: Dict[str, Entry]
     series: Dict[str, Series] = field(default_factory=dict)
 
-    def lookup(self, version: str) -> Release | None:
+    def lookup(self, version: str) -> Entry | None:
         """The release entry for ``version`` (exact string first, then PEP 440 equality)."""
         if version in self.releases:
             return self.releases[version]
@@ -221,7 +224,7 @@ def load(path: Path | None = None) -> Manifest:
         series = entry.get("series")
         if (entry["support"] == "patched" or series is not None) and series not in manifest.series:
             raise ManifestError(f"{where}: unknown series {series!r}")
-        manifest.releases[str(version)] = Release(str(version), entry["support"], series)
+        manifest.releases[str(version)] = Entry(str(version), entry["support"], series)
     return manifest
 
 

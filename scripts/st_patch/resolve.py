@@ -32,7 +32,7 @@ class Context:
         return self.outcome.release.detected if self.outcome.release else None
 
 
-def _release_info(version: str, release: mf.Release | None, series: mf.Series | None, how) -> ReleaseInfo:
+def _release_info(version: str, release: mf.Entry | None, series: mf.Series | None, how) -> ReleaseInfo:
     return ReleaseInfo(
         version=version,
         support=release.support if release else ("patched" if series else "unknown"),

@@ -43,11 +43,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from st_patch import manifest as mf
+
 from . import releases, results, toxenv, toxgen
 
 ROOT = releases.ROOT
 RESULTS = ROOT / "results"
-LANES = ("newest", "oldest", "upstream", "both")
+LANES = (*toxgen.LANES, "both")  # "both": newest and oldest
 ST_PATCH_MODULES = tuple(sorted(p.name for p in (ROOT / "scripts" / "st_patch").glob("*.py")))
 
 
@@ -107,12 +109,11 @@ def select(versions: list[str] | None, lane: str, table: list[releases.Release] 
 
 
 def _series_of() -> dict[str, str | None]:
-    path = ROOT / "patches" / "manifest.json"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        manifest = mf.load(ROOT / "patches" / "manifest.json")
+    except mf.ManifestError:
         return {}
-    return {v: e.get("series") for v, e in data.get("releases", {}).items()}
+    return {v: e.series for v, e in manifest.releases.items()}
 
 
 def inputs(job: Job, root: Path = ROOT) -> list[Path]:

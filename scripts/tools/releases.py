@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.version import Version
+from st_patch.manifest import SUPPORT_KINDS
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = ROOT / "releases.toml"
-SUPPORT_STATES = ("patched", "native")
+SUPPORT_STATES = SUPPORT_KINDS  # one definition: the manifest that st-patch reads
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import jinja2
 
-from . import results
+from . import results, toxgen
 from .results import Check, Run
 
 HOW = {"git": "fork", "source": "sdist", "installed": "installed"}
@@ -47,7 +47,7 @@ URL = re.compile(r"https?://[^\s)\]>,;]+")
 REF = re.compile(r"(?<![\w/])#(\d{2,6})\b")
 COMMIT = re.compile(r"\bcommit ([0-9a-f]{7,40})\b")
 NOT_REGISTERED = "(not in the registry)"  # an xfail that no registry entry marked
-LANE_ORDER = ("newest", "oldest", "upstream")
+LANE_ORDER = toxgen.LANES
 LANE_TITLE = {
     "newest": "newest (series applied)",
     "oldest": "oldest (deps of the release date)",
