@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 
@@ -88,10 +89,17 @@ def test_console_script_installs_and_runs_with_its_series(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     (wheel,) = wheels.glob("*.whl")
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
+    # a user's shell: not make's PYTHONPATH=scripts (pip would take the build's st_patch.egg-info there as
+    # "already installed" and install nothing)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)]
+    subprocess.run(pip, check=True, env=env)
     tree = dists.sdist_tree("3.3.1", tmp_path / "sdist")
     proc = subprocess.run(
-        [str(venv / "bin" / "st-patch"), "check", "--json", "--target", str(tree)], capture_output=True, text=True
+        [str(venv / "bin" / "st-patch"), "check", "--json", "--target", str(tree)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     result = json.loads(proc.stdout)
     assert proc.returncode == 0 and result["action"] == "would-apply", proc.stdout + proc.stderr
