@@ -330,3 +330,34 @@ def test_kill_9_then_a_foreign_commit_makes_apply_refuse_and_change_nothing(st_j
     code, result = st_json("apply", repo)
     assert code == 1 and "will not put it back" in result["error"] and f"reset --keep {start}" in result["error"]
     assert _git_state(repo) == before
+
+
+def _diverged_origin(synthetic, tmp_path: Path) -> Path:
+    """A fork's origin whose MatryoshkaLoss.py differs inside the patch's context (git am needs -3 there)."""
+    origin = tmp_path / "origin"
+    git(tmp_path, "clone", "-q", "-b", "release", str(synthetic.upstream), str(origin))
+    path = origin / MATRYOSHKA
+    path.write_text(path.read_text().replace("step_9 = features", "step_9 = features  # the fork's own change"))
+    git(origin, "commit", "-qam", "Fork change inside the patch's context")
+    git(origin, "config", "uploadpack.allowFilter", "true")
+    git(origin, "config", "uploadpack.allowAnySHA1InWant", "true")
+    return origin
+
+
+def test_missing_objects_in_an_offline_partial_clone_fail_cleanly(st_json, synthetic, tmp_path):
+    """git am -3 needs the release's blob, which a blob-less clone whose remote is gone cannot fetch:
+    apply must say so, exit 1, and leave the fork exactly as it was."""
+    origin = _diverged_origin(synthetic, tmp_path)
+    full = tmp_path / "full"
+    git(tmp_path, "clone", "-q", str(origin), str(full))
+    assert st_json("apply", full)[0] == 0, "control: with every object the 3-way merge applies the series"
+
+    partial = tmp_path / "partial"
+    git(tmp_path, "clone", "-q", "--filter=blob:none", f"file://{origin}", str(partial))
+    origin.rename(tmp_path / "origin-gone")  # offline: the promisor remote cannot be reached
+    before = _git_state(partial)
+    code, result = st_json("apply", partial)
+    assert code == 1, result
+    assert _git_state(partial) == before
+    _no_git_operation(partial)
+    assert not (partial / ".git" / "st-patch").exists()
