@@ -23,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
 import tempfile
 from pathlib import Path
+
+from . import gitrun
 
 PACKAGE = "sentence_transformers"
 DEFAULT_SERIES_DIR = Path(__file__).resolve().parents[2] / "patches" / "series"
@@ -104,9 +105,8 @@ def _in_scope(tree: Path, path: str) -> bool:
 
 
 def _apply_verbose(scratch: Path, patch: Path, paths: list[str]) -> str:
-    cmd = ["git", "apply", "--reject", "--verbose", "--whitespace=nowarn"]
-    cmd += [f"--include={p}" for p in paths]
-    result = subprocess.run([*cmd, str(patch)], cwd=scratch, capture_output=True, text=True)
+    args = ["apply", "--reject", "--verbose", "--whitespace=nowarn"] + [f"--include={p}" for p in paths]
+    result = gitrun.run([*args, str(patch)], scratch, check=False, ceiling=scratch.parent)
     return result.stdout + result.stderr
 
 

@@ -1,4 +1,4 @@
-"""Review aid for the series (``st-patch review``).
+"""Review aid for the series (``make review``).
 
 Two views a reviewer of a series wants:
 
@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from st_patch import gitrun
 
 from . import dists, releases
 
@@ -32,9 +32,9 @@ ROOT = releases.ROOT
 MANIFEST = ROOT / "patches" / "manifest.json"
 SERIES_DIR = ROOT / "patches" / "series"
 GIT_ENV = {
-    "GIT_AUTHOR_NAME": "st-patch review",
+    "GIT_AUTHOR_NAME": "review",
     "GIT_AUTHOR_EMAIL": "review@example.invalid",
-    "GIT_COMMITTER_NAME": "st-patch review",
+    "GIT_COMMITTER_NAME": "review",
     "GIT_COMMITTER_EMAIL": "review@example.invalid",
     "GIT_AUTHOR_DATE": "2026-01-01T00:00:00+00:00",
     "GIT_COMMITTER_DATE": "2026-01-01T00:00:00+00:00",
@@ -44,15 +44,10 @@ TreeFor = Callable[[str], Path]
 
 
 def _git(repo: Path, *args: str) -> str:
-    result = subprocess.run(
-        ["git", "-c", "commit.gpgsign=false", "-c", "core.autocrlf=false", *args],
-        cwd=repo,
-        env={**os.environ, **GIT_ENV},
-        capture_output=True,
-        text=True,
-    )
+    """git in the scratch repository, isolated from the reviewer's configuration (st_patch.gitrun)."""
+    result = gitrun.run(list(args), repo, check=False, env=GIT_ENV, ceiling=repo.parent)
     if result.returncode:
-        raise RuntimeError(f"git {' '.join(args)}: {(result.stderr or result.stdout).strip()}")
+        raise RuntimeError(f"git {' '.join(args)}: {gitrun.message(result)}")
     return result.stdout
 
 
@@ -111,12 +106,8 @@ class Scratch:
         return f"{name}-base", name
 
     def patched_file(self, name: str, path: str) -> bytes | None:
-        try:
-            return subprocess.run(
-                ["git", "show", f"{name}:{path}"], cwd=self.repo, capture_output=True, check=True
-            ).stdout
-        except subprocess.CalledProcessError:
-            return None
+        result = gitrun.run(["show", f"{name}:{path}"], self.repo, check=False, text=False, ceiling=self.repo.parent)
+        return result.stdout if result.returncode == 0 else None
 
 
 def first_native(version: str, table: list[releases.Release] | None = None) -> str | None:
@@ -206,7 +197,7 @@ def range_diff(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="st-patch review", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="make review ARGS=...", description=__doc__.split("\n\n")[0])
     parser.add_argument("--release", help="diff its patched files against the first native release")
     parser.add_argument("--native", help="the native release to compare with (default: the first after --release)")
     parser.add_argument("--range-diff", nargs=2, metavar=("SERIES_A", "SERIES_B"))
@@ -225,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 for a, b in adjacent_pairs(manifest):
                     sys.stdout.write(range_diff(a, b, manifest=manifest, scratch=scratch) + "\n")
     except (LookupError, KeyError, RuntimeError) as exc:
-        print(f"st-patch review: {exc}", file=sys.stderr)
+        print(f"review: {exc}", file=sys.stderr)
         return 1
     return 0
 
