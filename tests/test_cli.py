@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, find_python38, snapshot
-from st_patch import cli
+from st_patch import cli, manifest
 from st_patch.record import row_hash
 
 CLI = ROOT / "scripts" / "st-patch"
@@ -337,8 +337,7 @@ REAL_MANIFEST = ROOT / "patches" / "manifest.json"
 def _patched_releases():
     if not REAL_MANIFEST.is_file():
         return [pytest.param(None, marks=pytest.mark.skip(reason="patches/manifest.json not generated yet"))]
-    releases = json.loads(REAL_MANIFEST.read_text())["releases"]
-    return [version for version, entry in releases.items() if entry["support"] == "patched"]
+    return manifest.load(REAL_MANIFEST).versions("patched")
 
 
 def _unpacked(version: str, kind: str, dest: Path) -> Path:
@@ -363,7 +362,7 @@ def test_real_release_check_apply_status_apply_revert(version, kind, tmp_path, c
         assert code == 0, result["error"]
         return result
 
-    series = json.loads(REAL_MANIFEST.read_text())["releases"][version]["series"]
+    series = manifest.load(REAL_MANIFEST).releases[version].series
     result = run("check")
     assert result["action"] == "would-apply" and result["release"]["series"] == series
     assert result["target"]["kind"] == ("source" if kind == "sdist" else "installed")

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
-from st_patch import drift
+from st_patch import drift, manifest
 
 MATRYOSHKA = "sentence_transformers/losses/MatryoshkaLoss.py"
 
 
-def _manifest(synthetic) -> dict:
-    return json.loads(synthetic.manifest.read_text())
-
-
 def _report(synthetic, tree):
-    return drift.drift_report(tree, _manifest(synthetic), series_dir=synthetic.manifest.parent / "series")
+    return drift.drift_report(tree, manifest.load(synthetic.manifest))
 
 
 def test_unknown_release_with_the_known_files_gets_the_series_and_every_hunk(synthetic, make_target):
@@ -67,7 +61,7 @@ def test_native_support_in_the_6x_layout(tmp_path):
     module.parent.mkdir(parents=True)
     (tree / "sentence_transformers" / "__init__.py").write_text('__version__ = "7.0.0"\n')
     module.write_text("from ...base.losses.gradcache import uses_gradient_cache\n")
-    report = drift.drift_report(tree, {"format": 1, "releases": {}, "series": {}})
+    report = drift.drift_report(tree, manifest.Manifest(path=tmp_path / "manifest.json", releases={}))
     assert report["support"]["state"] == "native"
     assert report["closest"] is None and "no series applies" in report["advice"]
 

@@ -12,10 +12,10 @@
   --reject`` on LF copies in a scratch directory, patches in order);
 - the closest series (most hunks applying, then most files identical) and a one-line advice.
 
-``format_text(report)`` renders it for a terminal. The CLI's ``check`` on an unknown release can
-call ``drift_report(target.root, json.loads(manifest_path.read_text()),
-series_dir=manifest_path.parent / "series")`` and print ``format_text`` of it (or put the dict into
-its ``--json`` output).
+``format_text(report)`` renders it for a terminal. The CLI's ``check`` on an unknown release calls
+``drift_report(target.root, manifest)`` with the manifest ``manifest.load`` read (the one reader of
+``manifest.json``; each series knows its own directory) and prints ``format_text`` of it (the dict
+goes into its ``--json`` output).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import tempfile
 from pathlib import Path
 
 from . import gitrun
+from .manifest import Manifest, Series, default_manifest_path, load
 
 PACKAGE = "sentence_transformers"
-DEFAULT_SERIES_DIR = Path(__file__).resolve().parents[2] / "patches" / "series"
 _VERSION = re.compile(r"""^__version__\s*(?::\s*str\s*)?=\s*['"]([^'"]+)['"]""", re.M)
 
 # Evidence of upstream support, searched in the Matryoshka loss module (name differs per release).
@@ -145,38 +145,37 @@ def _per_file_results(output: str) -> dict[str, dict[str, list[int]]]:
     return results
 
 
-def series_fit(tree: Path, name: str, entry: dict, series_dir: Path) -> dict:
+def series_fit(tree: Path, series: Series) -> dict:
     """File states and hunk results of one series on the tree (on LF scratch copies)."""
     tree = Path(tree)
     files = {}
-    for path, spec in (entry.get("files") or {}).items():
+    for path, spec in series.files.items():
         target = tree / path
         if not _in_scope(tree, path):
             files[path] = "out-of-scope"
             continue
         if not target.is_file():
-            files[path] = "absent" if spec.get("pristine") is None else "missing"
+            files[path] = "absent" if spec.created else "missing"
             continue
         digest = _sha_lf(target.read_bytes())
-        pristine, patched = spec.get("pristine") or {}, spec.get("patched") or {}
         files[path] = (
             "pristine"
-            if digest == pristine.get("sha256_lf")
+            if spec.pristine and digest == spec.pristine.sha256_lf
             else "patched"
-            if digest == patched.get("sha256_lf")
+            if spec.patched and digest == spec.patched.sha256_lf
             else "modified"
         )
     patches = []
     total = applied = 0
     with tempfile.TemporaryDirectory(prefix="st-drift-") as tmp:
         scratch = Path(tmp)
-        for path in entry.get("files") or {}:
+        for path in series.files:
             source = tree / path
             if source.is_file() and _in_scope(tree, path):
                 (scratch / path).parent.mkdir(parents=True, exist_ok=True)
                 (scratch / path).write_bytes(_lf(source.read_bytes()))
-        for patch_name in entry.get("patches") or []:
-            patch = (Path(series_dir) / name / patch_name).resolve()
+        for patch_name in series.patches:
+            patch = (series.directory / patch_name).resolve()
             text = patch.read_text(encoding="utf-8", errors="replace") if patch.is_file() else ""
             parts = [p for p in patch_files(text) if _in_scope(tree, p[0])]
             record = {"patch": patch_name, "hunks": 0, "applied": 0, "rejected": []}
@@ -199,13 +198,10 @@ def series_fit(tree: Path, name: str, entry: dict, series_dir: Path) -> dict:
             total += record["hunks"]
             applied += record["applied"]
             patches.append(record)
-    specs = entry.get("files") or {}
-    exact = sum(
-        s in ("pristine", "patched") or (s == "absent" and specs[p].get("pristine") is None) for p, s in files.items()
-    )
+    exact = sum(s in ("pristine", "patched") or (s == "absent" and series.files[p].created) for p, s in files.items())
     return {
-        "series": name,
-        "releases": list(entry.get("releases") or []),
+        "series": series.name,
+        "releases": list(series.releases),
         "files": files,
         "patches": patches,
         "hunks_total": total,
@@ -214,16 +210,15 @@ def series_fit(tree: Path, name: str, entry: dict, series_dir: Path) -> dict:
     }
 
 
-def drift_report(tree: Path, manifest: dict, series_dir: Path | None = None) -> dict:
+def drift_report(tree: Path, manifest: Manifest) -> dict:
     """Where an (unknown) release stands: native support, closest series, failing hunks."""
     tree = Path(tree)
     if not (tree / PACKAGE / "__init__.py").is_file():
         raise FileNotFoundError(f"{tree}: no {PACKAGE}/__init__.py")
-    series_dir = Path(series_dir) if series_dir is not None else DEFAULT_SERIES_DIR
     version = read_version(tree)
-    known = version in (manifest.get("releases") or {})
+    known = version is not None and manifest.lookup(version) is not None
     own = support(tree)
-    fits = [series_fit(tree, name, entry, series_dir) for name, entry in (manifest.get("series") or {}).items()]
+    fits = [series_fit(tree, series) for series in manifest.series.values()]
     # backports for trees without native support, fix series of native releases for the others
     prefix_ok = [f for f in fits if f["series"].startswith("fixes-") == own["native"]] or fits
     ranked = sorted(
@@ -299,16 +294,15 @@ def format_text(report: dict, limit: int = 3) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m scripts.st_patch.drift TREE [--json]`` (until the CLI exposes it)."""
+    """``python -m st_patch.drift TREE [--json]``: the report alone (``st-patch check`` prints it too)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="st-patch drift")
     parser.add_argument("tree", type=Path)
-    parser.add_argument("--manifest", type=Path, default=DEFAULT_SERIES_DIR.parent / "manifest.json")
+    parser.add_argument("--manifest", type=Path, default=default_manifest_path())
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    manifest = json.loads(args.manifest.read_text())
-    report = drift_report(args.tree, manifest, series_dir=args.manifest.parent / "series")
+    report = drift_report(args.tree, load(args.manifest))
     print(json.dumps(report, indent=1) if args.json else format_text(report))
     return 0
 

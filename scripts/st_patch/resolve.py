@@ -99,11 +99,9 @@ def _unknown_release(
     out.release = ReleaseInfo(version=version, support="unknown", series=None, patches=[], detected=None)
     drift = None
     if command == "check":  # which hunks fail, and whether the release is native already
-        import json
-
         from . import drift as dr
 
-        drift = dr.drift_report(target.root, json.loads(manifest.path.read_text()), manifest.path.parent / "series")
+        drift = dr.drift_report(target.root, manifest)
         out.note(dr.format_text(drift))
     raise Refusal(text, candidates=candidates if command == "check" else None, drift=drift)
 

@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from st_patch import gitrun
+from st_patch import manifest as mf
 
 from . import dists, releases
 
 ROOT = releases.ROOT
 MANIFEST = ROOT / "patches" / "manifest.json"
-SERIES_DIR = ROOT / "patches" / "series"
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "review",
     "GIT_AUTHOR_EMAIL": "review@example.invalid",
@@ -51,10 +50,6 @@ def _git(repo: Path, *args: str) -> str:
     return result.stdout
 
 
-def load_manifest(path: Path = MANIFEST) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 def _lf(path: Path) -> bytes:
     return path.read_bytes().replace(b"\r\n", b"\n")
 
@@ -62,9 +57,8 @@ def _lf(path: Path) -> bytes:
 class Scratch:
     """A scratch repository holding, per series, a branch ``<name>-base`` (pristine) and ``<name>``."""
 
-    def __init__(self, manifest: dict, series_dir: Path = SERIES_DIR, tree_for: TreeFor | None = None):
+    def __init__(self, manifest: mf.Manifest, tree_for: TreeFor | None = None):
         self.manifest = manifest
-        self.series_dir = Path(series_dir)
         self._tmp = tempfile.TemporaryDirectory(prefix="st-review-")
         self.tree_for = tree_for or (lambda v: dists.sdist_tree(v, Path(self._tmp.name) / f"sdist-{v}"))
         self.repo = Path(self._tmp.name) / "repo"
@@ -88,20 +82,20 @@ class Scratch:
 
     def build(self, name: str) -> tuple[str, str]:
         """Branches ``<name>-base`` (the series' files as in its first release, LF) and ``<name>``."""
-        entry = self.manifest["series"][name]
-        tree = self.tree(entry["releases"][0])
+        series = self.manifest.series[name]
+        tree = self.tree(series.releases[0])
         _git(self.repo, "checkout", "-q", "--orphan", f"{name}-base")
         _git(self.repo, "rm", "-rfq", "--ignore-unmatch", ".")
-        for path, spec in entry["files"].items():
-            if spec.get("pristine") is None:
+        for path, spec in series.files.items():
+            if spec.created:
                 continue
             target = self.repo / path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(_lf(tree / path))
         _git(self.repo, "add", "-A")
-        _git(self.repo, "commit", "-q", "--allow-empty", "-m", f"{name}: pristine files of {entry['releases'][0]}")
+        _git(self.repo, "commit", "-q", "--allow-empty", "-m", f"{name}: pristine files of {series.releases[0]}")
         _git(self.repo, "checkout", "-q", "-b", name)
-        patches = [str((self.series_dir / name / p).resolve()) for p in entry["patches"]]
+        patches = [str(p.resolve()) for p in series.patch_paths()]
         _git(self.repo, "am", "-q", "--keep-cr", *patches)
         return f"{name}-base", name
 
@@ -128,24 +122,24 @@ def _unified(a: bytes | None, b: bytes | None, a_name: str, b_name: str) -> str:
 def native_diff(
     version: str,
     native: str | None = None,
-    manifest: dict | None = None,
-    series_dir: Path = SERIES_DIR,
+    manifest: mf.Manifest | None = None,
     tree_for: TreeFor | None = None,
     table: list[releases.Release] | None = None,
 ) -> str:
     """Unified diff: ``version``'s files after its series -> the same files in the native release."""
-    manifest = load_manifest() if manifest is None else manifest
-    name = (manifest["releases"].get(version) or {}).get("series")
+    manifest = mf.load(MANIFEST) if manifest is None else manifest
+    entry = manifest.lookup(version)
+    name = entry.series if entry else None
     if not name:
         raise LookupError(f"sentence-transformers {version} has no series in the manifest")
     native = native or first_native(version, table)
     if not native:
         raise LookupError(f"no release after {version} has native support; pass native=")
     out = [f"# series {name} on {version} (a/, patched) vs sentence-transformers {native} (b/, native)\n"]
-    with Scratch(manifest, series_dir, tree_for) as scratch:
+    with Scratch(manifest, tree_for) as scratch:
         scratch.build(name)
         native_tree = scratch.tree(native)
-        for path in manifest["series"][name]["files"]:
+        for path in manifest.series[name].files:
             if not path.startswith("sentence_transformers/"):
                 continue  # the fork's tests have no native counterpart
             ours = scratch.patched_file(name, path)
@@ -159,16 +153,16 @@ def native_diff(
     return "".join(out)
 
 
-def adjacent_pairs(manifest: dict) -> list[tuple[str, str]]:
+def adjacent_pairs(manifest: mf.Manifest) -> list[tuple[str, str]]:
     """Series of neighbouring release ranges with the same role (backport-*, fixes-*), oldest first."""
     from packaging.version import Version
 
     def first(name: str) -> Version:
-        return Version(manifest["series"][name]["releases"][0])
+        return Version(manifest.series[name].releases[0])
 
     pairs = []
-    for prefix in sorted({n.split("-", 1)[0] for n in manifest["series"]}):
-        names = sorted((n for n in manifest["series"] if n.split("-", 1)[0] == prefix), key=first)
+    for prefix in sorted({n.split("-", 1)[0] for n in manifest.series}):
+        names = sorted((n for n in manifest.series if n.split("-", 1)[0] == prefix), key=first)
         pairs += list(zip(names, names[1:]))
     return pairs
 
@@ -176,15 +170,14 @@ def adjacent_pairs(manifest: dict) -> list[tuple[str, str]]:
 def range_diff(
     a: str,
     b: str,
-    manifest: dict | None = None,
-    series_dir: Path = SERIES_DIR,
+    manifest: mf.Manifest | None = None,
     tree_for: TreeFor | None = None,
     scratch: Scratch | None = None,
 ) -> str:
     """``git range-diff`` of series ``a`` and ``b`` (each applied to its own first release's files)."""
-    manifest = load_manifest() if manifest is None else manifest
+    manifest = mf.load(MANIFEST) if manifest is None else manifest
     own = scratch is None
-    scratch = scratch or Scratch(manifest, series_dir, tree_for)
+    scratch = scratch or Scratch(manifest, tree_for)
     try:
         for name in (a, b):
             if _git(scratch.repo, "branch", "--list", name).strip() == "":
@@ -205,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.release or args.range_diff or args.adjacent):
         parser.error("give --release VERSION, --range-diff A B or --adjacent")
-    manifest = load_manifest()
     try:
+        manifest = mf.load(MANIFEST)
         if args.release:
             sys.stdout.write(native_diff(args.release, args.native, manifest))
         if args.range_diff:
@@ -215,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             with Scratch(manifest) as scratch:
                 for a, b in adjacent_pairs(manifest):
                     sys.stdout.write(range_diff(a, b, manifest=manifest, scratch=scratch) + "\n")
-    except (LookupError, KeyError, RuntimeError) as exc:
+    except (LookupError, KeyError, RuntimeError, mf.ManifestError) as exc:
         print(f"review: {exc}", file=sys.stderr)
         return 1
     return 0

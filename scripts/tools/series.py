@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from st_patch import gitrun
+from st_patch import manifest as mf
 
 from . import concerns, dists, recipes, releases
 
@@ -187,9 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(current / "series", ignore_errors=True)
         shutil.copytree(fresh / "series", current / "series")
         shutil.copyfile(fresh / "manifest.json", current / "manifest.json")
-        manifest = json.loads((fresh / "manifest.json").read_text())
-        for name, entry in manifest["series"].items():
-            print(f"{name}: {', '.join(entry['releases'])} ({len(entry['patches'])} patches)")
+        for series in mf.load(current / "manifest.json").series.values():
+            print(f"{series.name}: {', '.join(series.releases)} ({len(series.patches)} patches)")
     return 0
 
 
