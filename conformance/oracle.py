@@ -185,6 +185,14 @@ def matryoshka(
     return total
 
 
+def per_width_terms(
+    embs: Sequence[Tensor], spec: InnerSpec, mat: MatryoshkaSpec, guide_embs: Sequence[Tensor] | None = None
+) -> dict[int, Tensor]:
+    """Each selected width's unweighted term ``inner(truncate(embs, d))``, the summands of :func:`matryoshka`
+    before weighting: what MatryoshkaLoss(..., log_per_dim=True) reports per width."""
+    return {dim: inner_loss([truncate(e, dim) for e in embs], spec, guide_embs) for dim, _ in mat.selected()}
+
+
 def reference_loss(model, features: Sequence[dict], spec: InnerSpec, mat: MatryoshkaSpec | None, guide=None) -> Tensor:
     """The reference loss with its graph into ``model``'s parameters (call backward to get gradients)."""
     embs = embed(model, features, grad=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import recipes_log as log
 from . import recipes_native as native
 from .recipes import (
     ADAPTIVE_LAYER,
@@ -73,6 +74,11 @@ BACKPORT: tuple[Concern, ...] = (
         "matryoshka-same-dims-on-every-rank", {MATRYOSHKA: edit_matryoshka_same_dims_on_every_rank}, releases=">=2.5.0"
     ),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
+    Concern(
+        "matryoshka-log-per-dim",
+        {MATRYOSHKA: log.edit_matryoshka_log, log.CACHE_MODULE: log.edit_cache_stage_log},
+        (log.LOG_MODULE,),
+    ),
 )
 
 NATIVE_FIXES: tuple[Concern, ...] = (
@@ -108,6 +114,8 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         {native.MATRYOSHKA_NEW: edit_matryoshka_same_dims_on_every_rank},
         releases=">=5.4.0",
     ),
+    Concern("matryoshka-log-per-dim", {native.MATRYOSHKA_OLD: log.edit_matryoshka_log_native}, releases="<5.4.0"),
+    Concern("matryoshka-log-per-dim", {native.MATRYOSHKA_NEW: log.edit_matryoshka_log_native}, releases=">=5.4.0"),
 )
 
 

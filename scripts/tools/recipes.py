@@ -349,12 +349,13 @@ class Concern:
     def in_range(self, version: str) -> bool:
         return Version(version) in SpecifierSet(self.releases)
 
-    def applies(self, tree: Path, version: str) -> bool:
+    def applies(self, tree: Path, version: str, added: frozenset[str] = frozenset()) -> bool:
         """Whether the release gets this patch: its range says so. A file the concern edits that the
-        release lacks inside that range is an error (the range is wrong), never a silent skip."""
+        release lacks inside that range is an error (the range is wrong), never a silent skip, unless an
+        earlier patch of the series adds it (``added``)."""
         if not self.in_range(version):
             return False
-        missing = [p for p in self.edits if not (tree / p).exists()]
+        missing = [p for p in self.edits if p not in added and not (tree / p).exists()]
         if missing:
             raise RecipeError(
                 f"concern {self.slug}: {', '.join(missing)} missing in sentence-transformers {version}, which is "

@@ -65,14 +65,23 @@ def read_lf(path: Path) -> str:
 
 
 def pristine_files(tree: Path, concerns: list[recipes.Concern]) -> dict[str, str]:
-    """The LF text of every file the concerns edit."""
-    return {p: read_lf(tree / p) for p in sorted({p for c in concerns for p in c.edits})}
+    """The LF text of every file the concerns edit that the release has (not one a patch adds)."""
+    added = {p for c in concerns for p in c.adds}
+    return {p: read_lf(tree / p) for p in sorted({p for c in concerns for p in c.edits} - added)}
 
 
 def concerns_for(release: releases.Release, tree: Path) -> list[recipes.Concern]:
-    """The concerns of the release's series, in patch order: backports, or fixes of native support."""
+    """The concerns of the release's series, in patch order: backports, or fixes of native support.
+
+    A concern may edit a file that an earlier concern of the series adds (one patch per concern)."""
     candidates = concerns.BACKPORT if release.support == "patched" else concerns.NATIVE_FIXES
-    return [c for c in candidates if c.applies(tree, release.version)]
+    out: list[recipes.Concern] = []
+    added: frozenset[str] = frozenset()
+    for concern in candidates:
+        if concern.applies(tree, release.version, added):
+            out.append(concern)
+            added |= frozenset(concern.adds)
+    return out
 
 
 def _git(repo: Path, *args: str, capture: bool = False, message: str | None = None) -> str:

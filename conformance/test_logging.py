@@ -1,0 +1,143 @@
+"""MatryoshkaLoss(..., log_per_dim=True): each width's loss is reported, and training is unchanged.
+
+Why: the switch exists so that a training run shows how each width trains. A per-width number that is
+weighted, belongs to another width or is missing would mislead the run's reader; a dict whose values do
+not sum to the weighted loss, or that carries a different gradient, would change what is optimised. So
+every reported number is compared with the float64 oracle's unweighted per-width term
+(:func:`conformance.oracle.per_width_terms`), the sum and the gradients with the oracle's weighted loss,
+and the gradients also with the same call without the switch.
+
+Where the release's trainer logs the components of a loss that returns a dict (its
+``SentenceTransformerTrainer`` has ``track_loss_components``, 5.0 and later) the loss returns one
+``matryoshka_dim_<width>`` component per width (plus ``matryoshka_weighting`` where the weights are not
+all 1); elsewhere it returns the usual tensor. ``last_per_dim_losses`` is set everywhere.
+The switch comes with this project's series: unpatched releases skip these checks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conformance import cases, compat, env, oracle
+from conformance.harness import backward, call_loss
+from conformance.recording import F64, assert_close_recorded
+
+HAS_SWITCH = compat._accepts(compat.LOSSES.MatryoshkaLoss, "log_per_dim")
+pytestmark = pytest.mark.skipif(
+    not HAS_SWITCH and env.SERIES is None,
+    reason=f"MatryoshkaLoss of unpatched {compat.ST_RELEASE} has no log_per_dim (it comes with the series)",
+)
+
+
+def _trainer_tracks_components() -> bool:
+    try:
+        from sentence_transformers import SentenceTransformerTrainer
+    except ImportError:
+        return False
+    return hasattr(SentenceTransformerTrainer, "track_loss_components")
+
+
+TRACKS = _trainer_tracks_components()
+
+
+def _cases() -> list[cases.Case]:
+    """Plain MNRL and every cached loss; non-uniform weights, uniform weights, and a sampled step."""
+    out = []
+    for kind, cached in [("mnrl", False)] + [(k, True) for k in compat.CACHED_KINDS]:
+        base = cases.base_case(kind, cached=cached)
+        out += [base, replace(base, dims=(32, 16, 8, 4), weights=None, seed=0, label="dims32_16_8_4-uniform")]
+        if compat.MATRYOSHKA_HAS_NDPS:
+            out.append(replace(base, n_dims_per_step=2, label="dims8_32_16-ndps2"))
+    return out
+
+
+def _loss(case: cases.Case, model, guide, log_per_dim: bool):
+    kwargs = {"matryoshka_dims": list(case.dims), "matryoshka_weights": list(case.weights) if case.weights else None}
+    if case.n_dims_per_step != -1:
+        kwargs["n_dims_per_step"] = case.n_dims_per_step
+    if log_per_dim:
+        kwargs["log_per_dim"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3.1-3.3 warn "not compatible"
+        return compat.LOSSES.MatryoshkaLoss(model, case.inner_loss(model, guide), **kwargs)
+
+
+def _run(loss_fn, model, features, seed: int, what: str):
+    """(what the loss returned, its total, parameter gradients of the total) for one call."""
+    model.zero_grad(set_to_none=True)
+    out = call_loss(loss_fn, features, seed=seed, what=what)
+    total = torch.stack(list(out.values())).sum() if isinstance(out, dict) else out
+    backward(total, what=what)
+    grads = oracle.parameter_grads(model)
+    model.zero_grad(set_to_none=True)
+    return out, total.detach(), grads
+
+
+def _terms(case: cases.Case, model, guide, features) -> dict[int, torch.Tensor]:
+    embs = oracle.embed(model, features, grad=False)
+    guide_embs = oracle.embed(guide, features, grad=False) if case.kind == "gist" else None
+    return oracle.per_width_terms(embs, case.inner_spec(), case.matryoshka_spec(), guide_embs)
+
+
+def _expected_keys(case: cases.Case, terms) -> set[str]:
+    keys = {f"matryoshka_dim_{dim}" for dim in terms}
+    weights = dict(zip(case.dims, case.weights or [1.0] * len(case.dims)))
+    if any(weights[dim] != 1 for dim in terms):
+        keys.add("matryoshka_weighting")
+    return keys
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
+def test_per_width_losses_vs_reference(case, model, guide, feats, reference_cache):
+    """Each width's reported loss is the oracle's unweighted term; the sum and gradients are the weighted loss's."""
+    features = feats(case.columns)
+    key = case.reference_key()
+    if key not in reference_cache:
+        reference_cache[key] = oracle.reference(model, features, case.inner_spec(), case.matryoshka_spec(), guide)
+    ref_value, ref_grads = reference_cache[key]
+    terms = _terms(case, model, guide, features)
+    loss_fn = _loss(case, model, guide, log_per_dim=True)
+    out, total, grads = _run(loss_fn, model, features, case.seed, f"MatryoshkaLoss({case.name}, log_per_dim=True)")
+    recorded = {dim: torch.tensor(value, dtype=torch.float64) for dim, value in loss_fn.last_per_dim_losses.items()}
+    assert_close_recorded(recorded, terms, what="last_per_dim_losses")
+    if TRACKS:
+        returned = type(out).__name__
+        assert isinstance(out, dict), f"{compat.ST_RELEASE}'s trainer logs loss components; returned {returned}"
+        assert "loss" not in out, "a component named 'loss' would clash with the trainer's own loss"
+        assert set(out) == _expected_keys(case, terms), f"components {sorted(out)}"
+        components = {dim: out[f"matryoshka_dim_{dim}"].detach() for dim in terms}
+        assert_close_recorded(components, terms, what="per-width components")
+    else:
+        assert isinstance(out, torch.Tensor), f"{compat.ST_RELEASE}'s trainer needs a tensor, got {type(out).__name__}"
+    assert_close_recorded(total, ref_value, what="sum of the components")
+    grad_tol = compat.CACHED_GRAD_TOL if case.cached else F64
+    assert_close_recorded(grads, ref_grads, what="parameter gradients", **grad_tol)
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
+def test_switch_changes_no_training_number(case, model, guide, feats):
+    """The same call with and without the switch: the same total and the same gradients (float64)."""
+    features = feats(case.columns)
+    _, off_total, off_grads = _run(_loss(case, model, guide, False), model, features, case.seed, "log_per_dim=False")
+    _, on_total, on_grads = _run(_loss(case, model, guide, True), model, features, case.seed, "log_per_dim=True")
+    assert_close_recorded(on_total, off_total, what="loss value", rtol=1e-12, atol=1e-14)
+    assert_close_recorded(on_grads, off_grads, what="parameter gradients", rtol=1e-12, atol=1e-14)
+
+
+def test_switch_off_records_nothing(model, guide, feats):
+    """Default off: a tensor, and no per-width losses recorded."""
+    case = cases.base_case("mnrl", cached=False)
+    loss_fn = _loss(case, model, guide, log_per_dim=False)
+    out = call_loss(loss_fn, feats(case.columns), seed=case.seed, what="log_per_dim=False")
+    assert isinstance(out, torch.Tensor)
+    assert not getattr(loss_fn, "last_per_dim_losses", {})
+
+
+def test_bad_switch_raises_clear_error(model, guide):
+    case = cases.base_case("mnrl", cached=False)
+    with pytest.raises(TypeError, match="log_per_dim must be True or False"):
+        compat.LOSSES.MatryoshkaLoss(model, case.inner_loss(model, guide), [32, 16], log_per_dim="yes")
