@@ -22,7 +22,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conformance import cases, compat, env, oracle
+from conformance import cases, compat, data, env, oracle
 from conformance.harness import backward, call_loss
 from conformance.recording import F64, assert_close_recorded
 
@@ -141,3 +141,34 @@ def test_bad_switch_raises_clear_error(model, guide):
     case = cases.base_case("mnrl", cached=False)
     with pytest.raises(TypeError, match="log_per_dim must be True or False"):
         compat.LOSSES.MatryoshkaLoss(model, case.inner_loss(model, guide), [32, 16], log_per_dim="yes")
+
+
+@pytest.mark.skipif(not TRACKS, reason=f"the trainer of {compat.ST_RELEASE} logs no loss components")
+@pytest.mark.parametrize("cached", [False, True], ids=["MNRL", "CMNRL"])
+def test_trainer_logs_each_width(cached, model, guide, feats, texts, tmp_path):
+    """One training step: the trainer's log holds each width's loss, the oracle's term at the initial weights
+    (the trainer rounds logged components to 4 decimals); the whole batch is one step, and the loss is a mean
+    over rows, so the sampler's row order does not change it."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    case = cases.base_case("mnrl", cached=cached, columns=2)
+    rows = data.batch_rows("A")
+    dataset = Dataset.from_dict({"anchor": texts[0][rows], "positive": texts[1][rows]})
+    terms = _terms(case, model, guide, feats(2))
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=len(dataset),
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+    )
+    loss_fn = _loss(case, model, guide, log_per_dim=True)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss_fn)
+    trainer.train()
+    logged = next((entry for entry in trainer.state.log_history if "loss" in entry), {})
+    expected = {f"matryoshka_dim_{dim}": float(term) for dim, term in terms.items()}
+    got = {key: logged.get(key) for key in expected}
+    assert None not in got.values(), f"log_history misses widths: {logged}"
+    assert all(abs(got[key] - expected[key]) <= 1e-4 for key in expected), f"logged {got}, oracle {expected}"
