@@ -1,8 +1,9 @@
 """The conformance suite tests itself: deliberately broken variants of the patched code must be caught.
 
-Each mutant is one plausible bug in the truncate-after-cache module of the backport series. The suite
-runs on ST 3.3.1 with the series applied to an unpacked wheel (first on PYTHONPATH), once with the
-module as shipped - everything passes - and once per mutant, which must fail the checks named here.
+Each mutant is one plausible bug in a module of the backport series (the truncate-after-cache module
+unless the mutant names another). The suite runs on ST 3.3.1 with the series applied to an unpacked
+wheel (first on PYTHONPATH), once with the modules as shipped - everything passes - and once per
+mutant, which must fail the checks named here.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from support import ROOT, dists, release_python, st_patch, tox_environ
 
 VERSION = "3.3.1"
 MODULE = "sentence_transformers/losses/_matryoshka_cache.py"
+LOG_MODULE = "sentence_transformers/losses/_matryoshka_log.py"
+MATRYOSHKA = "sentence_transformers/losses/MatryoshkaLoss.py"
 
-# name -> (text in the module, its broken replacement, a check function that must fail)
+# name -> (text in the module, its broken replacement, a check function that must fail[, the module])
 MUTANTS = {
     "weight-dropped-from-gradient": (
         "g.add_(_full_width_grad(r, dim, t.grad), alpha=weight)",
@@ -80,6 +83,36 @@ MUTANTS = {
         "        module = None",
         "test_adaptive_layers_refuse_gradient_cache",
     ),
+    # MatryoshkaLoss(..., log_per_dim=True): per-width losses (conformance/test_logging.py)
+    "cached-per-width-loss-weighted": (
+        "        record_per_dim(dim, loss)",
+        "        record_per_dim(dim, weight * loss)",
+        "test_per_width_losses_vs_reference",
+    ),
+    "per-width-loss-weighted": (
+        "record_per_dim(dim, dim_loss, owner=self)",
+        "record_per_dim(dim, weight * dim_loss, owner=self)",
+        "test_per_width_losses_vs_reference",
+        MATRYOSHKA,
+    ),
+    "width-missing-from-per-width-losses": (  # only the first width recorded
+        "        active[1][dim] = value.detach()",
+        "        active[1].update({} if active[1] else {dim: value.detach()})",
+        "test_per_width_losses_vs_reference",
+        LOG_MODULE,
+    ),
+    "dict-where-the-trainer-needs-a-tensor": (  # 3.3.1's trainer does not log loss components
+        '    return callable(getattr(SentenceTransformerTrainer, "track_loss_components", None))',
+        "    return True",
+        "test_per_width_losses_vs_reference",
+        LOG_MODULE,
+    ),
+    "log-switch-unchecked": (
+        "    if not isinstance(log_per_dim, bool):",
+        "    if False:",
+        "test_bad_switch_raises_clear_error",
+        LOG_MODULE,
+    ),
 }
 
 
@@ -120,8 +153,8 @@ def test_the_series_as_shipped_passes(patched_wheel, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_the_suite_catches_the_mutant(mutant, patched_wheel, tmp_path):
-    original, broken, must_fail = MUTANTS[mutant]
-    module = patched_wheel / MODULE
+    original, broken, must_fail, *path = MUTANTS[mutant]
+    module = patched_wheel / (path[0] if path else MODULE)
     text = module.read_bytes()
     assert text.count(original.encode()) == 1, f"mutant {mutant}: the module no longer has {original!r}"
     try:
