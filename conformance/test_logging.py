@@ -172,3 +172,25 @@ def test_trainer_logs_each_width(cached, model, guide, feats, texts, tmp_path):
     got = {key: logged.get(key) for key in expected}
     assert None not in got.values(), f"log_history misses widths: {logged}"
     assert all(abs(got[key] - expected[key]) <= 1e-4 for key in expected), f"logged {got}, oracle {expected}"
+
+
+@pytest.mark.parametrize("case", [c for c in _cases() if c.label == "base"], ids=lambda c: c.id)
+def test_per_width_losses_without_gradients(case, model, guide, feats, reference_cache):
+    """Evaluation (no_grad) takes other loss stages (``calculate_loss`` without backward): the same numbers."""
+    features = feats(case.columns)
+    key = case.reference_key()
+    if key not in reference_cache:
+        reference_cache[key] = oracle.reference(model, features, case.inner_spec(), case.matryoshka_spec(), guide)
+    ref_value, _ = reference_cache[key]
+    terms = _terms(case, model, guide, features)
+    loss_fn = _loss(case, model, guide, log_per_dim=True)
+    with torch.no_grad():
+        out = call_loss(loss_fn, features, seed=case.seed, what=f"MatryoshkaLoss({case.name}) under no_grad")
+    recorded = {dim: torch.tensor(value, dtype=torch.float64) for dim, value in loss_fn.last_per_dim_losses.items()}
+    assert_close_recorded(recorded, terms, what="last_per_dim_losses")
+    if TRACKS:
+        assert isinstance(out, dict) and set(out) == _expected_keys(case, terms), f"returned {out!r}"
+        components = {dim: out[f"matryoshka_dim_{dim}"] for dim in terms}
+        assert_close_recorded(components, terms, what="per-width components")
+        out = torch.stack(list(out.values())).sum()
+    assert_close_recorded(out.detach(), ref_value, what="sum of the components")
