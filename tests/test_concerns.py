@@ -59,3 +59,12 @@ def test_a_file_missing_inside_the_declared_range_is_an_error(tmp_path: Path):
     assert concern.applies(tmp_path, "0.9") is False  # outside the range: not this release's patch
     with pytest.raises(recipes.RecipeError, match="Gone.py missing in sentence-transformers 1.2"):
         concern.applies(tmp_path, "1.2")
+
+
+def test_a_concern_may_edit_a_file_an_earlier_patch_adds(tmp_path: Path):
+    """matryoshka-log-per-dim edits _matryoshka_cache.py, which matryoshka-truncate-after-cache adds."""
+    added = "sentence_transformers/losses/_added.py"
+    concern = recipes.Concern("x", {added: lambda t: t}, releases=">=1.0")
+    assert concern.applies(tmp_path, "1.2", frozenset({added})) is True
+    with pytest.raises(recipes.RecipeError, match="_added.py missing"):
+        concern.applies(tmp_path, "1.2")
