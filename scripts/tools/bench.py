@@ -240,6 +240,51 @@ def _stage_call(variant: str, inner, matryoshka):
     return lambda reps: inner.calculate_loss(reps, None, with_backward=True)  # 5.7+: the GradCache engine
 
 
+def _step_function(config: Config, variant: str, spec: dict, scratch: Path):
+    """The model, the loss of ``variant`` and one measured step of ``config``; (step, model label)."""
+    import torch
+    from sentence_transformers import losses
+
+    device, label = spec["device"], config.model
+    rng = random.Random(0)
+    dims = WIDTHS[config.widths]
+    if config.mode == "stage":
+        model = _thin_model(scratch, device)
+    elif config.model == "thin":
+        model = _thin_model(scratch, device)
+    else:
+        model, label = _minilm(device, spec.get("minilm_dir"))
+    model.train()
+    if variant == "noncached":
+        inner = losses.MultipleNegativesRankingLoss(model)
+    else:
+        inner = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch)
+    loss_fn = inner if variant == "cached" else losses.MatryoshkaLoss(model, inner, matryoshka_dims=dims)
+    if config.mode == "stage":
+        stage = _stage_call(variant, inner, loss_fn)
+        base = [torch.randn(config.batch, WIDTH, device=device) for _ in range(config.columns)]
+        chunks = [list(b.split(config.mini_batch)) for b in base]
+
+        def step() -> None:
+            stage([[r.clone().requires_grad_() for r in rs] for rs in chunks])
+
+    else:
+        columns = [_sentences(rng, config.batch, 6, 16), _sentences(rng, config.batch, 16, 48)]
+        features = [
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _tokenize(model, texts).items()}
+            for texts in columns
+        ]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step() -> None:
+            loss = loss_fn([dict(f) for f in features], None)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step, label
+
+
 def worker(spec: dict) -> dict:
     """Build the variant, run ``warmup`` + ``steps`` measured steps; times, peak memory and which path ran."""
     import resource
@@ -254,48 +299,11 @@ def worker(spec: dict) -> dict:
     if device == "cpu":
         torch.set_num_threads(spec["threads"])
     import sentence_transformers
-    from sentence_transformers import losses
 
-    rng = random.Random(0)
     torch.manual_seed(0)
-    dims = WIDTHS[config.widths]
     scratch = Path(tempfile.mkdtemp(prefix="bench-"))
-    label = config.model
     try:
-        if config.mode == "stage":
-            model = _thin_model(scratch, device)
-        elif config.model == "thin":
-            model = _thin_model(scratch, device)
-        else:
-            model, label = _minilm(device, spec.get("minilm_dir"))
-        model.train()
-        if variant == "noncached":
-            inner = losses.MultipleNegativesRankingLoss(model)
-        else:
-            inner = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch)
-        loss_fn = inner if variant == "cached" else losses.MatryoshkaLoss(model, inner, matryoshka_dims=dims)
-        if config.mode == "stage":
-            stage = _stage_call(variant, inner, loss_fn)
-            base = [torch.randn(config.batch, WIDTH, device=device) for _ in range(config.columns)]
-            chunks = [list(b.split(config.mini_batch)) for b in base]
-
-            def step() -> None:
-                stage([[r.clone().requires_grad_() for r in rs] for rs in chunks])
-
-        else:
-            columns = [_sentences(rng, config.batch, 6, 16), _sentences(rng, config.batch, 16, 48)]
-            features = [
-                {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _tokenize(model, texts).items()}
-                for texts in columns
-            ]
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-            def step() -> None:
-                loss = loss_fn([dict(f) for f in features], None)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
+        step, label = _step_function(config, variant, spec, scratch)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         for _ in range(config.warmup):
             step()
