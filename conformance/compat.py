@@ -146,6 +146,53 @@ def gist_semantics(**overrides: Any) -> dict[str, Any]:
     return sem
 
 
+def _shared_module():
+    """The shared multi-width loss stage this project's series add (``_matryoshka_shared``), or None."""
+    for name in (
+        "sentence_transformers.sentence_transformer.losses._matryoshka_shared",
+        "sentence_transformers.losses._matryoshka_shared",
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return importlib.import_module(name)
+            except ImportError:
+                continue
+    return None
+
+
+#: The series' shared multi-width loss stage, where the importable package has it.
+SHARED = _shared_module()
+
+
+def shared_runs() -> int:
+    """How often the shared multi-width loss stage has run in this process (0 without it)."""
+    return SHARED.path_counts["shared"] if SHARED is not None else 0
+
+
+def expects_shared(kind: str) -> bool:
+    """Whether MatryoshkaLoss around this release's cached ``kind`` must take the shared path."""
+    return SHARED is not None and not SHARED.generic_forced() and SHARED.covers(LOSS_NAMES[kind][1])
+
+
+@contextlib.contextmanager
+def generic_path():
+    """Force the generic per-width path of the series (no-op where the package has no shared path)."""
+    if SHARED is None:
+        yield
+        return
+    previous, SHARED.FORCE_GENERIC = SHARED.FORCE_GENERIC, True
+    try:
+        yield
+    finally:
+        SHARED.FORCE_GENERIC = previous
+
+
+def shared_workspace_bytes(element_size: int) -> int:
+    """Bytes of the score buffers of the last shared run (its loss-stage memory)."""
+    return SHARED.last_workspace_elements * element_size if SHARED is not None else 0
+
+
 def similarity_fn(name: str):
     util = importlib.import_module("sentence_transformers.util")
     return {"cos": util.cos_sim, "dot": util.dot_score}[name]

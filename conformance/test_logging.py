@@ -16,6 +16,7 @@ The switch comes with this project's series: unpatched releases skip these check
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import replace
 
@@ -91,19 +92,32 @@ def _expected_keys(case: cases.Case, terms) -> set[str]:
     return keys
 
 
+def _paths(case: cases.Case) -> list[str]:
+    """The loss-stage paths to check: the shared multi-width stage (where the series has it, for the
+    built-in cached losses) reports the per-width losses too, and so must the generic path, forced."""
+    return ["default", "generic"] if case.cached and compat.SHARED is not None else ["default"]
+
+
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
 def test_per_width_losses_vs_reference(case, model, guide, feats, reference_cache):
-    """Each width's reported loss is the oracle's unweighted term; the sum and gradients are the weighted loss's."""
+    """Each width's reported loss is the oracle's unweighted term; the sum and gradients are the weighted loss's
+    (on the shared multi-width stage and on the generic path, forced)."""
     features = feats(case.columns)
     key = case.reference_key()
     if key not in reference_cache:
         reference_cache[key] = oracle.reference(model, features, case.inner_spec(), case.matryoshka_spec(), guide)
-    ref_value, ref_grads = reference_cache[key]
     terms = _terms(case, model, guide, features)
+    for path in _paths(case):
+        with compat.generic_path() if path == "generic" else contextlib.nullcontext():
+            _check_per_width(case, model, guide, features, terms, reference_cache[key], path)
+
+
+def _check_per_width(case: cases.Case, model, guide, features, terms, reference, path: str) -> None:
+    ref_value, ref_grads = reference
     loss_fn = _loss(case, model, guide, log_per_dim=True)
     out, total, grads = _run(loss_fn, model, features, case.seed, f"MatryoshkaLoss({case.name}, log_per_dim=True)")
     recorded = {dim: torch.tensor(value, dtype=torch.float64) for dim, value in loss_fn.last_per_dim_losses.items()}
-    assert_close_recorded(recorded, terms, what="last_per_dim_losses")
+    assert_close_recorded(recorded, terms, what=f"last_per_dim_losses ({path} path)")
     if TRACKS:
         returned = type(out).__name__
         assert isinstance(out, dict), f"{compat.ST_RELEASE}'s trainer logs loss components; returned {returned}"

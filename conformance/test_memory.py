@@ -11,6 +11,7 @@ activations (the non-cached peak). Two batch sizes, 4x apart, on the tiny model:
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -20,7 +21,10 @@ from conformance import cases, compat, data
 from conformance.harness import backward, call_loss
 
 SMALL, LARGE, MINI_BATCH = 32, 128, 8
-KINDS = [pytest.param(k, id=compat.SHORT[k]) for k in compat.CACHED_KINDS]
+#: Where a series adds the shared multi-width loss stage, its generic per-width path is checked as well.
+KINDS_PATHS = [pytest.param(k, "default", id=compat.SHORT[k]) for k in compat.CACHED_KINDS] + [
+    pytest.param(k, "generic", id=f"{compat.SHORT[k]}-generic") for k in compat.CACHED_KINDS if compat.SHARED
+]
 
 
 class SavedTensorMeter:
@@ -64,26 +68,32 @@ def _features(model, rows: int, columns: int = 3) -> list[dict]:
 
 def peak_saved_bytes(loss_fn, model, features, seed: int, what: str) -> tuple[int, int]:
     """(peak during forward, peak during backward). For a GradCache loss the forward holds the loss stage
-    (step 2, chunked backward to the embeddings) and the backward holds the mini-batch re-embedding (step 3)."""
+    (step 2, chunked backward to the embeddings) and the backward holds the mini-batch re-embedding (step 3).
+
+    The series' shared multi-width loss stage computes its gradients without autograd: its score buffers
+    count as the forward's peak instead."""
     forward_meter, backward_meter = SavedTensorMeter(), SavedTensorMeter()
     model.zero_grad(set_to_none=True)
+    runs = compat.shared_runs()
     with forward_meter.hooks():
         loss = call_loss(loss_fn, features, seed=seed, what=what)
+    workspace = compat.shared_workspace_bytes(loss.element_size()) if compat.shared_runs() > runs else 0
     with backward_meter.hooks():
         backward(loss, what=what)
     del loss
     model.zero_grad(set_to_none=True)
-    return forward_meter.peak, backward_meter.peak
+    return forward_meter.peak + workspace, backward_meter.peak
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_loss_stage_stays_chunked(kind, model, guide):
+@pytest.mark.parametrize(("kind", "path"), KINDS_PATHS)
+def test_loss_stage_stays_chunked(kind, path, model, guide):
     case = cases.base_case(kind, mini_batch_size=MINI_BATCH, dims=(32, 16, 8), weights=None)
     fwd, bwd = {}, {}
-    for rows in (SMALL, LARGE):
-        fwd[rows], bwd[rows] = peak_saved_bytes(
-            case.st_loss(model, guide), model, _features(model, rows), case.seed, case.id
-        )
+    with compat.generic_path() if path == "generic" else contextlib.nullcontext():
+        for rows in (SMALL, LARGE):
+            fwd[rows], bwd[rows] = peak_saved_bytes(
+                case.st_loss(model, guide), model, _features(model, rows), case.seed, case.id
+            )
     plain = cases.base_case(kind, cached=False, dims=(32, 16, 8), weights=None)
     full_graph = sum(
         peak_saved_bytes(plain.st_loss(model, guide), model, _features(model, LARGE), plain.seed, plain.id)

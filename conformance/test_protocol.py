@@ -53,7 +53,9 @@ def test_protocol_loss_vs_reference(style, case, model, feats, reference_cache):
     ref_value, ref_grads = _reference(case, model, features, reference_cache)
     loss_fn = case.st_loss(model, inner=_user_loss(style, model, case))
     what = f"MatryoshkaLoss({protocol_losses.STYLES[style].__name__})"
+    runs = compat.shared_runs()
     value, grads = st_loss_and_grads(model, loss_fn, features, seed=case.seed, what=what)
+    assert compat.shared_runs() == runs, "a user's loss took the shared multi-width path (built-in losses only)"
     assert_close_recorded(value, ref_value, what="loss value")
     assert_close_recorded(grads, ref_grads, what="parameter gradients")
 

@@ -1,9 +1,9 @@
 """The conformance suite tests itself: deliberately broken variants of the patched code must be caught.
 
-Each mutant is one plausible bug in a module of the backport series (the truncate-after-cache module
-unless the mutant names another). The suite runs on ST 3.3.1 with the series applied to an unpacked
-wheel (first on PYTHONPATH), once with the modules as shipped - everything passes - and once per
-mutant, which must fail the checks named here.
+Each mutant is one plausible bug in a module of the backport series (the truncate-after-cache module,
+the shared multi-width loss stage, the per-width logging). The suite runs on ST 3.3.1 with the series
+applied to an unpacked wheel (first on PYTHONPATH), once with the modules as shipped - everything
+passes - and once per mutant, which must fail the checks named here.
 """
 
 from __future__ import annotations
@@ -15,38 +15,47 @@ import pytest
 from support import ROOT, dists, release_python, st_patch, tox_environ
 
 VERSION = "3.3.1"
-MODULE = "sentence_transformers/losses/_matryoshka_cache.py"
+CACHE = "sentence_transformers/losses/_matryoshka_cache.py"
+SHARED = "sentence_transformers/losses/_matryoshka_shared.py"
 LOG_MODULE = "sentence_transformers/losses/_matryoshka_log.py"
 MATRYOSHKA = "sentence_transformers/losses/MatryoshkaLoss.py"
 
-# name -> (text in the module, its broken replacement, a check function that must fail[, the module])
+# name -> (module, text in the module, its broken replacement, a check function that must fail).
+# The built-in cached losses take the shared multi-width loss stage (SHARED); the generic per-width path
+# (CACHE) is checked by the conformance tests that force it.
 MUTANTS = {
     "weight-dropped-from-gradient": (
+        CACHE,
         "g.add_(_full_width_grad(r, dim, t.grad), alpha=weight)",
         "g.add_(_full_width_grad(r, dim, t.grad))",
-        "test_cached_vs_reference",
+        "test_cached_generic_path_vs_reference",
     ),
     "no-renormalisation": (
+        CACHE,
         "return F.normalize(embeddings[..., :dim], p=2, dim=-1)",
         "return embeddings[..., :dim]",
-        "test_cached_vs_reference",
+        "test_cached_generic_path_vs_reference",
     ),
     "n-dims-per-step-ignored": (
+        CACHE,
         'n_dims_per_step = getattr(matryoshka_loss, "n_dims_per_step", -1)',
         "n_dims_per_step = -1",
         "test_cached_vs_reference",
     ),
     "inner-loss-not-restored": (
+        CACHE,
         "vars(obj).pop(name, None)",
         "pass",
         "test_inner_alone_afterwards",
     ),
     "widths-differ-across-ranks": (  # under torch.distributed every rank must train rank 0's sample
+        CACHE,
         "dim_indices = _same_on_every_rank(random.sample(dim_indices, n_dims_per_step))",
         "dim_indices = random.sample(dim_indices, n_dims_per_step)",
         "test_ranks_train_the_same_widths",
     ),
     "loss-stage-over-the-whole-batch": (  # upstream #3107: one graph over every mini-batch
+        CACHE,
         "            loss = inner_method(truncated, *args, **kwargs)",
         "            chunk, inner_loss.mini_batch_size = inner_loss.mini_batch_size, 10**9\n"
         "            loss = inner_method(truncated, *args, **kwargs)\n"
@@ -54,64 +63,107 @@ MUTANTS = {
         "test_loss_stage_stays_chunked",
     ),
     "with-backward-stage-not-caching": (  # calculate_loss(reps, with_backward=True) run without gradients
+        CACHE,
         'caching = name == "calculate_loss_and_cache_gradients" or bool(_with_backward(method, args, kwargs))',
         'caching = name == "calculate_loss_and_cache_gradients"',
         "test_protocol_loss_vs_reference",
     ),
     "nested-loss-stage-truncates-again": (  # calculate_loss_and_cache_gradients -> calculate_loss re-enters
+        CACHE,
         "        if self.active:",
         "        if False:",
         "test_protocol_loss_vs_reference",
     ),
     "rep-grad-not-reported": (  # the 5.7-style hook reads rep.grad of the full-width embeddings
+        CACHE,
         "                r.grad = g if r.grad is None else r.grad + g",
         "                pass",
         "test_protocol_loss_vs_reference",
     ),
     "no-loss-stage-unchecked": (
+        CACHE,
         "    check_loss_stage(inner_loss)",
         "    pass",
         "test_protocol_loss_without_loss_stage_raises_clear_error",
     ),
     "adaptive-layer-accepts-gradcache": (
+        CACHE,
         "    cached = [index for index, module in enumerate(chain) if is_gradcache_loss(module)]",
         "    cached = []",
         "test_adaptive_layers_refuse_gradient_cache",
     ),
     "adaptive-layer-checks-its-own-loss-only": (  # Matryoshka2dLoss hands it MatryoshkaLoss(cached)
+        CACHE,
         '        module = getattr(module, "loss", None)',
         "        module = None",
         "test_adaptive_layers_refuse_gradient_cache",
     ),
+    "shared-path-never-taken": (
+        CACHE,
+        "    shared = shared_loss_stage(inner_method, caching, inner_loss, dims_weights, reps, *args, **kwargs)",
+        "    shared = None",
+        "test_cached_vs_reference",
+    ),
+    "shared-segment-boundary-off-by-one-width": (
+        SHARED,
+        "self.bounds = [0, *self.dims]",
+        "self.bounds = [0, *self.dims[1:], self.dims[-1]]",
+        "test_cached_vs_reference",
+    ),
+    "shared-prefix-norm-of-the-wrong-width": (
+        SHARED,
+        "torch.mul(r.inv[b:e, k : k + 1] * scale, c.inv[None, :, k], out=factors[:, span])",
+        "torch.mul(r.inv[b:e, k : k + 1] * scale, c.inv[None, :, max(k - 1, 0)], out=factors[:, span])",
+        "test_cached_vs_reference",
+    ),
+    "shared-width-weight-dropped": (
+        SHARED,
+        "acc = grads[last].mul_(widths.weights[ks[last]] * problem.factor)",
+        "acc = grads[last].mul_(problem.factor)",
+        "test_cached_vs_reference",
+    ),
+    "shared-loss-stage-over-the-whole-batch": (
+        SHARED,
+        "    n, step = anchors.shape[0], inner.mini_batch_size",
+        "    n = step = anchors.shape[0]",
+        "test_loss_stage_stays_chunked",
+    ),
     # MatryoshkaLoss(..., log_per_dim=True): per-width losses (conformance/test_logging.py)
     "cached-per-width-loss-weighted": (
+        CACHE,
         "        record_per_dim(dim, loss)",
         "        record_per_dim(dim, weight * loss)",
         "test_per_width_losses_vs_reference",
     ),
+    "shared-per-width-loss-weighted": (
+        SHARED,
+        "per_width[k] -= problem.factor * nll",
+        "per_width[k] -= weight * nll",
+        "test_per_width_losses_vs_reference",
+    ),
     "per-width-loss-weighted": (
+        MATRYOSHKA,
         "record_per_dim(dim, dim_loss, owner=self)",
         "record_per_dim(dim, weight * dim_loss, owner=self)",
         "test_per_width_losses_vs_reference",
-        MATRYOSHKA,
     ),
     "width-missing-from-per-width-losses": (  # only the first width recorded
+        LOG_MODULE,
         "        active[1][dim] = value.detach()",
         "        active[1].update({} if active[1] else {dim: value.detach()})",
         "test_per_width_losses_vs_reference",
-        LOG_MODULE,
     ),
     "dict-where-the-trainer-needs-a-tensor": (  # 3.3.1's trainer does not log loss components
+        LOG_MODULE,
         '    return callable(getattr(SentenceTransformerTrainer, "track_loss_components", None))',
         "    return True",
         "test_per_width_losses_vs_reference",
-        LOG_MODULE,
     ),
     "log-switch-unchecked": (
+        LOG_MODULE,
         "    if not isinstance(log_per_dim, bool):",
         "    if False:",
         "test_bad_switch_raises_clear_error",
-        LOG_MODULE,
     ),
 }
 
@@ -153,8 +205,8 @@ def test_the_series_as_shipped_passes(patched_wheel, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_the_suite_catches_the_mutant(mutant, patched_wheel, tmp_path):
-    original, broken, must_fail, *path = MUTANTS[mutant]
-    module = patched_wheel / (path[0] if path else MODULE)
+    path, original, broken, must_fail = MUTANTS[mutant]
+    module = patched_wheel / path
     text = module.read_bytes()
     assert text.count(original.encode()) == 1, f"mutant {mutant}: the module no longer has {original!r}"
     try:

@@ -35,13 +35,13 @@ BACKPORT: tuple[Concern, ...] = (
     Concern(
         "matryoshka-truncate-after-cache",
         {MATRYOSHKA: edit_matryoshka},
-        (f"{LOSSES}/_matryoshka_cache.py",),
+        (f"{LOSSES}/_matryoshka_cache.py", f"{LOSSES}/_matryoshka_shared.py"),
         releases="<2.5.0",
     ),
     Concern(
         "matryoshka-truncate-after-cache",
         {MATRYOSHKA: edit_matryoshka, ADAPTIVE_LAYER: edit_adaptive_layer},
-        (f"{LOSSES}/_matryoshka_cache.py",),
+        (f"{LOSSES}/_matryoshka_cache.py", f"{LOSSES}/_matryoshka_shared.py"),
         releases=">=2.5.0",
     ),
     Concern("cmnsrl-symmetric-across-mini-batches", {SYMMETRIC: edit_symmetric}, releases=">=3.1.0"),

@@ -87,10 +87,19 @@ def edit_matryoshka_log(text: str) -> str:
 
 
 def edit_cache_stage_log(text: str) -> str:
-    """Backport truncate-after-cache stage: report each width's loss where it is computed."""
+    """Backport truncate-after-cache stage: report each width's loss where it is computed (the shared
+    multi-width stage and the generic per-width path)."""
     text = _sub_once(
         r"^from torch import Tensor, nn\n",
         lambda m: m.group(0) + "\nfrom sentence_transformers.losses._matryoshka_log import record_per_dim\n",
+        text,
+        CACHE_MODULE,
+    )
+    text = _sub_once(
+        r"^        total, full_grads = shared\.total, shared\.grads\n",
+        lambda m: (
+            m.group(0) + "        for dim, loss in shared.per_width.items():\n            record_per_dim(dim, loss)\n"
+        ),
         text,
         CACHE_MODULE,
     )

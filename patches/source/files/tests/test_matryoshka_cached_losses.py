@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from sentence_transformers import SentenceTransformer, losses, models, util
+from sentence_transformers.losses import _matryoshka_shared
 
 WORDS = "red green blue cat dog bird runs sits flies over under near the a big small old new".split()
 BATCH, MINI_BATCH, WIDTH = 7, 3, 16  # the mini-batch size does not divide the batch
@@ -107,9 +108,15 @@ def _grads(model):
 @pytest.mark.parametrize("kind, make_loss", _cached_losses(), ids=[c[0] for c in _cached_losses()])
 @pytest.mark.parametrize("n_columns", [2, 3])
 @pytest.mark.parametrize("n_dims_per_step", [-1, 1])
-def test_matryoshka_cached_matches_reference(tiny_models, kind, make_loss, n_columns, n_dims_per_step):
+@pytest.mark.parametrize("path", ["shared", "generic"])
+def test_matryoshka_cached_matches_reference(
+    tiny_models, kind, make_loss, n_columns, n_dims_per_step, path, monkeypatch
+):
+    """Both loss-stage paths: every width in one pass (the built-in losses), and the generic per-width path."""
     if n_dims_per_step != -1 and "n_dims_per_step" not in inspect.signature(losses.MatryoshkaLoss).parameters:
         pytest.skip("this release's MatryoshkaLoss has no n_dims_per_step")
+    monkeypatch.setattr(_matryoshka_shared, "FORCE_GENERIC", path == "generic")
+    monkeypatch.delenv(_matryoshka_shared.ENV_FORCE_GENERIC, raising=False)
     model, guide = copy.deepcopy(tiny_models[0]), tiny_models[1]
     features = _columns(model, n_columns)
     inner = make_loss(model, guide)
@@ -117,9 +124,11 @@ def test_matryoshka_cached_matches_reference(tiny_models, kind, make_loss, n_col
     loss_fn = losses.MatryoshkaLoss(model, inner, DIMS, WEIGHTS, **kwargs)
 
     random.seed(12)
+    runs = _matryoshka_shared.path_counts[path]
     loss = loss_fn(features, None)
     loss.backward()
     cached = _grads(model)
+    assert _matryoshka_shared.path_counts[path] > runs, f"the {path} path did not run"
 
     # The dims the loss used this step, drawn the way MatryoshkaLoss draws them.
     random.seed(12)

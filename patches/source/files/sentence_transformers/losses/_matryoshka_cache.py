@@ -13,6 +13,8 @@ step 3 runs, so full-width embeddings met gradients of truncated ones and backwa
 ("inconsistent tensor size"). Here the cache keeps the full-width embeddings, every Matryoshka
 dimension is truncated and re-normalised in step 2 only, the weighted gradients are summed onto the
 full-width embeddings, and step 3 - the expensive second forward pass - runs once.
+For the built-in cached losses step 2 computes every dimension in one pass
+(``_matryoshka_shared.py``); any other GradCache loss gets the inner loss stage once per dimension.
 
 The inner loss is not modified: its loss-stage methods are shadowed on the instance for the duration
 of one call and restored afterwards, also when the call raises.
@@ -55,6 +57,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sentence_transformers.losses._matryoshka_shared import loss_stage as shared_loss_stage
 
 #: Without a ``uses_gradient_cache`` attribute, any of these methods makes a loss a GradCache loss.
 GRADCACHE_MARKERS = ("embed_minibatch_iter", "calculate_loss_and_cache_gradients")
@@ -164,14 +168,51 @@ def _loss_stage(
 
     ``reps`` are the full-width cached embeddings (one list of mini-batches per input column). Every
     further argument (e.g. the guide embeddings of CachedGISTEmbedLoss) is passed on untouched.
-    The inner loss stage stays chunked by mini-batch, so no graph spans the whole batch.
     ``caching``: the stage back-propagates into the embeddings (``calculate_loss_and_cache_gradients``,
     ``calculate_loss(..., with_backward=True)``); releases before 3.0 have no separate no-grad
     ``calculate_loss`` and use the caching stage for evaluation too, so it always runs in grad mode.
+
+    The built-in cached losses take the shared multi-width stage (``_matryoshka_shared.py``: every width
+    in one pass); everything else takes :func:`_per_width`. Both report their gradients the same way.
     """
-    full_grads = [[torch.zeros_like(r) for r in rs] for rs in reps]
     missing = object()
     cache_before = vars(inner_loss).get("cache", missing)
+    shared = shared_loss_stage(inner_method, caching, inner_loss, dims_weights, reps, *args, **kwargs)
+    if shared is not None:
+        total, full_grads = shared.total, shared.grads
+        # It stands in only for the releases' own caching stages, which all set self.cache.
+        cache_set = caching
+    else:
+        total, full_grads = _per_width(inner_method, caching, dims_weights, reps, *args, **kwargs)
+        cache_set = vars(inner_loss).get("cache", missing) is not cache_before
+    if not caching:
+        return total
+    # Report the gradients where the inner loss reads them: the cache its loss stage set (3.3, 3.4
+    # style) and the .grad of its embeddings (5.7 style).
+    if cache_set:
+        inner_loss.cache = full_grads
+    for rs, gs in zip(reps, full_grads):
+        for r, g in zip(rs, gs):
+            if r.requires_grad and r.is_leaf:
+                r.grad = g if r.grad is None else r.grad + g
+    # A fresh leaf: the inner forward registers its backward hook (the second forward pass) on it.
+    return total.requires_grad_()
+
+
+def _per_width(
+    inner_method: Callable[..., Tensor],
+    caching: bool,
+    dims_weights: list[tuple[int, float]],
+    reps: list[list[Tensor]],
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[Tensor, list[list[Tensor]]]:
+    """The generic path: the inner loss stage once per dimension, on truncated, re-normalised copies.
+
+    Exact for any loss that follows the protocol. The inner loss stage stays chunked by mini-batch, so
+    no graph spans the whole batch. Returns the weighted loss and the weighted full-width gradients.
+    """
+    full_grads = [[torch.zeros_like(r) for r in rs] for rs in reps]
     total = None
     for dim, weight in dims_weights:
         truncated = [[truncate(r.detach(), dim).requires_grad_(caching) for r in rs] for rs in reps]
@@ -184,18 +225,7 @@ def _loss_stage(
                         g.add_(_full_width_grad(r, dim, t.grad), alpha=weight)
         term = weight * loss.detach()
         total = term if total is None else total + term
-    if not caching:
-        return total
-    # Report the gradients where the inner loss reads them: the cache its loss stage set (3.3, 3.4
-    # style) and the .grad of its embeddings (5.7 style).
-    if vars(inner_loss).get("cache", missing) is not cache_before:
-        inner_loss.cache = full_grads
-    for rs, gs in zip(reps, full_grads):
-        for r, g in zip(rs, gs):
-            if r.requires_grad and r.is_leaf:
-                r.grad = g if r.grad is None else r.grad + g
-    # A fresh leaf: the inner forward registers its backward hook (the second forward pass) on it.
-    return total.requires_grad_()
+    return total, full_grads
 
 
 class _Driver:
