@@ -131,8 +131,8 @@ MUTANTS = {
     # MatryoshkaLoss(..., log_per_dim=True): per-width losses (conformance/test_logging.py)
     "cached-per-width-loss-weighted": (
         CACHE,
-        "        record_per_dim(dim, loss)",
-        "        record_per_dim(dim, weight * loss)",
+        "\n        record_per_dim(dim, loss)",  # the generic path's record (the shared stage's is indented deeper)
+        "\n        record_per_dim(dim, weight * loss)",
         "test_per_width_losses_vs_reference",
     ),
     "shared-per-width-loss-weighted": (
