@@ -16,10 +16,12 @@ from .recipes import (
     ADAPTIVE_LAYER,
     LOSSES,
     MATRYOSHKA,
+    MATRYOSHKA_2D,
     SYMMETRIC,
     Concern,
     edit_adaptive_layer,
     edit_matryoshka,
+    edit_matryoshka2d_relative_imports,
     edit_matryoshka_check_dims,
     edit_matryoshka_same_dims_on_every_rank,
     edit_matryoshka_sort_dims,
@@ -71,6 +73,11 @@ BACKPORT: tuple[Concern, ...] = (
     ),
     Concern(
         "matryoshka-same-dims-on-every-rank", {MATRYOSHKA: edit_matryoshka_same_dims_on_every_rank}, releases=">=2.5.0"
+    ),
+    Concern(
+        "matryoshka2d-relative-imports",
+        {MATRYOSHKA_2D: edit_matryoshka2d_relative_imports},
+        releases=">=3.0.0,<3.1.0",  # 2.x imports in another order; 3.1.0 has the fix (#2907)
     ),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
 )

@@ -332,6 +332,28 @@ def edit_matryoshka_same_dims_on_every_rank(text: str) -> str:
     return _sub_once(r"^class ForwardDecorator\b", lambda m: helper + m.group(0), text, MATRYOSHKA)
 
 
+MATRYOSHKA_2D = f"{LOSSES}/Matryoshka2dLoss.py"
+
+
+def edit_matryoshka2d_relative_imports(text: str) -> str:
+    """Matryoshka2dLoss: import its base classes from their modules (as 3.1.0 does, #2907).
+
+    ``from sentence_transformers.losses import AdaptiveLayerLoss, MatryoshkaLoss`` runs while
+    ``losses/__init__`` is still importing, and binds the submodule ``MatryoshkaLoss``, not the class:
+    constructing Matryoshka2dLoss then fails with "TypeError: 'module' object is not callable".
+    """
+    return _sub_once(
+        r"^from sentence_transformers\.losses import AdaptiveLayerLoss, MatryoshkaLoss\n"
+        r"from sentence_transformers\.SentenceTransformer import SentenceTransformer\n",
+        "from sentence_transformers import SentenceTransformer\n"
+        "\n"
+        "from .AdaptiveLayerLoss import AdaptiveLayerLoss\n"
+        "from .MatryoshkaLoss import MatryoshkaLoss\n",
+        text,
+        MATRYOSHKA_2D,
+    )
+
+
 @dataclass(frozen=True)
 class Concern:
     """One patch of a series: one reviewable change.
