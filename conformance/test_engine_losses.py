@@ -9,9 +9,11 @@ like the math: loss value and every parameter gradient at the float64 tolerance,
 under torch.no_grad(). The oracle's MegaBatchMarginLoss is written from the loss's definition
 (``oracle.megabatch_margin``), never from ST's code.
 
-Gated by capability: before 5.7.0 the mini-batched MegaBatchMarginLoss is another algorithm (it
-returns the last mini-batch's mean, not the batch loss) and is no GradCache loss, and no cached loss
-takes ``mini_batch_num_tokens``; there these checks are skipped.
+Gated by capability: before 5.7.0 the mini-batched MegaBatchMarginLoss is no GradCache loss and not
+the batch loss (it returns the last mini-batch's mean and drops every other mini-batch's gradient), and
+no cached loss takes ``mini_batch_num_tokens``; there these checks are skipped, and
+``test_megabatch_mini_batched_refused_or_right`` requires MatryoshkaLoss to refuse that mode clearly
+or, failing that, to train like the math.
 """
 
 from __future__ import annotations
@@ -139,3 +141,31 @@ def test_token_budget_matryoshka_vs_reference(inner, model, feats):
     else:
         columns, spec, loss = 3, MNRL_SPEC, _cmnrl(model, mini_batch_num_tokens=TOKEN_BUDGET_SIZE)
     _check(model, feats(columns), _matryoshka(model, loss, mat), spec, mat, f"MatryoshkaLoss({inner}, token budget)")
+
+
+@pytest.mark.skipif(MEGABATCH is None or MEGABATCH_GRADCACHE, reason="the mini-batched mode is a GradCache loss")
+def test_megabatch_mini_batched_refused_or_right(model, feats):
+    """Before 5.7.0: MatryoshkaLoss around the mini-batched MegaBatchMarginLoss either refuses it with a
+    ValueError naming ``use_mini_batched_version`` or trains exactly like the oracle."""
+    mat = MATRYOSHKA["dims8_32_16-w1_0.5_2"]
+    try:
+        loss_fn = _matryoshka(model, _megabatch(model), mat)
+    except ValueError as exc:
+        assert "use_mini_batched_version=False" in str(exc), str(exc)
+        return
+    _check(model, feats(2), loss_fn, MEGABATCH_SPEC, mat, "MatryoshkaLoss(MegaBatchMarginLoss mini-batched)")
+
+
+@pytest.mark.skipif(MEGABATCH is None, reason="no MegaBatchMarginLoss")
+def test_megabatch_full_batch_matryoshka_vs_reference(model, feats):
+    """The full-batch mode (what the refusal above recommends) trains like the oracle on every release."""
+    mat = MATRYOSHKA["dims8_32_16-w1_0.5_2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inner = MEGABATCH(
+            model,
+            positive_margin=MEGABATCH_SPEC.positive_margin,
+            negative_margin=MEGABATCH_SPEC.negative_margin,
+            use_mini_batched_version=False,
+        )
+    _check(model, feats(2), _matryoshka(model, inner, mat), MEGABATCH_SPEC, mat, "MatryoshkaLoss(MegaBatchMarginLoss)")
