@@ -22,9 +22,9 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class InnerSpec:
-    """The inner loss, as math. ``kind``: mnrl | mnsrl | gist."""
+    """The inner loss, as math. ``kind``: mnrl | mnsrl | gist | megabatch."""
 
-    kind: Literal["mnrl", "mnsrl", "gist"]
+    kind: Literal["mnrl", "mnsrl", "gist", "megabatch"]
     similarity: Literal["cos", "dot"] = "cos"  # mnrl / mnsrl only; GIST is always cosine
     scale: float = 20.0  # mnrl / mnsrl
     temperature: float = 0.01  # gist
@@ -36,6 +36,8 @@ class InnerSpec:
     # masking (4.1.0+), and which "relative" rule applies ("scaled": g*(1-m) before 5.6; "abs": g-|g|*m).
     protect_positive: bool = False
     relative_rule: Literal["scaled", "abs"] = "scaled"
+    positive_margin: float = 0.8  # megabatch
+    negative_margin: float = 0.3  # megabatch
 
 
 @dataclass(frozen=True)
@@ -151,11 +153,30 @@ def gist(embs: Sequence[Tensor], guide_embs: Sequence[Tensor], spec: InnerSpec) 
     return _cross_entropy(scores, torch.arange(n))
 
 
+def megabatch_margin(embs: Sequence[Tensor], spec: InnerSpec) -> Tensor:
+    """MegaBatchMarginLoss (Wieting & Gimpel 2018, ParaNMT-50M), from its definition: pairs (a_i, p_i); the
+    hardest negative of pair i is the other pairs' positive most cosine-similar to a_i, and
+
+    loss = mean_i [ relu(m+ - cos(a_i, p_i)) + relu(max_{j != i} cos(a_i, p_j) - m-) ].
+    """
+    if len(embs) != 2:
+        raise ValueError("MegaBatchMarginLoss takes (anchor, positive) pairs")
+    a, p = embs
+    cos = _sim(a, p, "cos")
+    own = torch.eye(cos.shape[0], dtype=torch.bool)
+    hardest = cos.masked_fill(own, float("-inf")).max(dim=1).values
+    positive_term = F.relu(spec.positive_margin - cos.diagonal())
+    negative_term = F.relu(hardest - spec.negative_margin)
+    return (positive_term + negative_term).mean()
+
+
 def inner_loss(embs: Sequence[Tensor], spec: InnerSpec, guide_embs: Sequence[Tensor] | None = None) -> Tensor:
     if spec.kind == "mnrl":
         return mnrl(embs, spec)
     if spec.kind == "mnsrl":
         return mnsrl(embs, spec)
+    if spec.kind == "megabatch":
+        return megabatch_margin(embs, spec)
     if spec.kind == "gist":
         if guide_embs is None:
             raise ValueError("GIST needs guide embeddings")

@@ -4,6 +4,8 @@ Each mutant is one plausible bug in a module of the backport series (the truncat
 the shared multi-width loss stage, the per-width logging). The suite runs on ST 3.3.1 with the series
 applied to an unpacked wheel (first on PYTHONPATH), once with the modules as shipped - everything
 passes - and once per mutant, which must fail the checks named here.
+``NATIVE_MUTANTS`` do the same for code that only a fix series adds (native MatryoshkaLoss of 6.2.0),
+running the conformance files that exercise it.
 """
 
 from __future__ import annotations
@@ -168,6 +170,56 @@ MUTANTS = {
 }
 
 
+NATIVE_VERSION = "6.2.0"
+NATIVE_MODULE = "sentence_transformers/sentence_transformer/losses/matryoshka.py"
+NATIVE_PATHS = ("conformance/test_protocol.py",)
+
+# native-matryoshka-drive-caching-stage: a user's GradCache loss whose calculate_loss_and_cache_gradients
+# back-propagates by itself (its hook reads self.cache or rep.grad). Same shape as MUTANTS.
+NATIVE_MUTANTS = {
+    "caching-stage-rep-grad-not-filled": (  # the truncation chained off a detached copy: no full-width rep.grad
+        "truncated = [[shrink(r, dim) for r in minibatch] for minibatch in reps]\n"
+        "                matryoshka_reps = [[t.detach()",
+        "truncated = [[shrink(r.detach(), dim) for r in minibatch] for minibatch in reps]\n"
+        "                matryoshka_reps = [[t.detach()",
+        "test_protocol_loss_vs_reference",
+    ),
+    "caching-stage-cache-not-replaced": (  # the hook reads the last width's truncated gradients
+        "            self.loss.cache = [[_grad_or_zeros(r) for r in minibatch] for minibatch in reps]",
+        "            pass",
+        "test_protocol_loss_vs_reference",
+    ),
+    "caching-stage-weight-dropped": (
+        "t.backward(weight * d.grad)  # summed onto the full-width rep.grad",
+        "t.backward(d.grad)  # summed onto the full-width rep.grad",
+        "test_protocol_loss_vs_reference",
+    ),
+    "caching-stage-widest-only": (  # every width trains on the widest truncation
+        "truncated = [[shrink(r, dim) for r in minibatch] for minibatch in reps]\n"
+        "                matryoshka_reps = [[t.detach()",
+        "truncated = [[shrink(r, self.matryoshka_dims[0]) for r in minibatch] for minibatch in reps]\n"
+        "                matryoshka_reps = [[t.detach()",
+        "test_protocol_loss_vs_reference",
+    ),
+    "caching-stage-not-selected": (  # back to calculate_loss only: the full dimension trains alone
+        "    if _truncates_in_caching_stage(loss) and not evaluates_in_calculate_loss:",
+        "    if False:",
+        "test_protocol_loss_vs_reference",
+    ),
+    "no-grad-value-through-caching-stage": (  # evaluation calls calculate_loss, left undecorated
+        "    evaluates_in_calculate_loss = callable(getattr(loss, "
+        '"calculate_loss", None)) and not torch.is_grad_enabled()',
+        "    evaluates_in_calculate_loss = False",
+        "test_protocol_loss_no_grad_value",
+    ),
+    "neither-loss-stage-unchecked": (
+        '    if not with_backward and not callable(getattr(loss, "calculate_loss_and_cache_gradients", None)):',
+        "    if False:",
+        "test_protocol_loss_without_loss_stage_raises_clear_error",
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def patched_wheel(tmp_path_factory):
     tree = dists.wheel_tree(VERSION, tmp_path_factory.mktemp("wheel"))
@@ -176,10 +228,10 @@ def patched_wheel(tmp_path_factory):
     return tree
 
 
-def _conformance(tree, out) -> dict[str, list[str]]:
-    """Run the suite on ``tree``; {check function: statuses of its cases}."""
+def _conformance(tree, out, version: str = VERSION, paths: tuple[str, ...] = ("conformance",)) -> dict[str, list[str]]:
+    """Run the suite (or ``paths`` of it) on ``tree``; {check function: statuses of its cases}."""
     subprocess.run(
-        [str(release_python(VERSION)), "-m", "pytest", "conformance", "-q", "-n", "2", "-p", "no:cacheprovider"]
+        [str(release_python(version)), "-m", "pytest", *paths, "-q", "-n", "2", "-p", "no:cacheprovider"]
         + ["--conformance-json", str(out)],
         cwd=ROOT,
         env={**tox_environ(), "PYTHONPATH": str(tree)},
@@ -206,12 +258,45 @@ def test_the_series_as_shipped_passes(patched_wheel, tmp_path):
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_the_suite_catches_the_mutant(mutant, patched_wheel, tmp_path):
     path, original, broken, must_fail = MUTANTS[mutant]
-    module = patched_wheel / path
+    failing = _run_mutant(
+        original, broken, mutant, patched_wheel / path, lambda: _conformance(patched_wheel, tmp_path / "out.json")
+    )
+    assert must_fail in failing, f"mutant {mutant} was not caught by {must_fail}; failing: {sorted(failing)}"
+
+
+def _run_mutant(original: str, broken: str, mutant: str, module, run) -> set[str]:
+    """The failing check functions of ``run()`` with ``original`` in ``module`` replaced by ``broken`` (CRLF,
+    as shipped)."""
     text = module.read_bytes()
-    assert text.count(original.encode()) == 1, f"mutant {mutant}: the module no longer has {original!r}"
+    wanted = original.replace("\n", "\r\n").encode()
+    assert text.count(wanted) == 1, f"mutant {mutant}: the module no longer has {original!r}"
     try:
-        module.write_bytes(text.replace(original.encode(), broken.replace("\n", "\r\n").encode()))
-        failing = _failing(_conformance(patched_wheel, tmp_path / "out.json"))
+        module.write_bytes(text.replace(wanted, broken.replace("\n", "\r\n").encode()))
+        return _failing(run())
     finally:
         module.write_bytes(text)
+
+
+@pytest.fixture(scope="module")
+def native_patched_wheel(tmp_path_factory):
+    tree = dists.wheel_tree(NATIVE_VERSION, tmp_path_factory.mktemp("native-wheel"))
+    result = st_patch("apply", "--target", str(tree))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tree
+
+
+@pytest.mark.slow
+def test_the_native_series_as_shipped_passes(native_patched_wheel, tmp_path):
+    statuses = _conformance(native_patched_wheel, tmp_path / "out.json", NATIVE_VERSION, NATIVE_PATHS)
+    assert statuses and _failing(statuses) == set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutant", sorted(NATIVE_MUTANTS))
+def test_the_suite_catches_the_native_mutant(mutant, native_patched_wheel, tmp_path):
+    def run():
+        return _conformance(native_patched_wheel, tmp_path / "out.json", NATIVE_VERSION, NATIVE_PATHS)
+
+    original, broken, must_fail = NATIVE_MUTANTS[mutant]
+    failing = _run_mutant(original, broken, mutant, native_patched_wheel / NATIVE_MODULE, run)
     assert must_fail in failing, f"mutant {mutant} was not caught by {must_fail}; failing: {sorted(failing)}"

@@ -17,11 +17,14 @@ from .recipes import (
     ADAPTIVE_LAYER,
     LOSSES,
     MATRYOSHKA,
+    MATRYOSHKA_2D,
     SYMMETRIC,
     Concern,
     edit_adaptive_layer,
     edit_matryoshka,
+    edit_matryoshka2d_relative_imports,
     edit_matryoshka_check_dims,
+    edit_matryoshka_refuse_mini_batched_megabatch,
     edit_matryoshka_same_dims_on_every_rank,
     edit_matryoshka_sort_dims,
     edit_matryoshka_sorted_sample,
@@ -73,6 +76,12 @@ BACKPORT: tuple[Concern, ...] = (
     Concern(
         "matryoshka-same-dims-on-every-rank", {MATRYOSHKA: edit_matryoshka_same_dims_on_every_rank}, releases=">=2.5.0"
     ),
+    Concern("matryoshka-refuse-mini-batched-megabatch", {MATRYOSHKA: edit_matryoshka_refuse_mini_batched_megabatch}),
+    Concern(
+        "matryoshka2d-relative-imports",
+        {MATRYOSHKA_2D: edit_matryoshka2d_relative_imports},
+        releases=">=3.0.0,<3.1.0",  # 2.x imports in another order; 3.1.0 has the fix (#2907)
+    ),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
     Concern(
         "matryoshka-log-per-dim",
@@ -98,6 +107,16 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         "matryoshka-validate-n-dims-per-step",
         {native.MATRYOSHKA_NEW: edit_matryoshka_validate_n_dims_per_step},
         releases=">=5.4.0",
+    ),
+    Concern(
+        "matryoshka-refuse-mini-batched-megabatch",
+        {native.MATRYOSHKA_OLD: edit_matryoshka_refuse_mini_batched_megabatch},
+        releases="<5.4.0",
+    ),
+    Concern(
+        "matryoshka-refuse-mini-batched-megabatch",
+        {native.MATRYOSHKA_NEW: edit_matryoshka_refuse_mini_batched_megabatch},
+        releases=">=5.4.0,<5.7.0",  # 5.7.0 rebuilt the mini-batched mode on the GradCache engine (#3862)
     ),
     Concern(
         "native-gradcache-surrogate-dtype",

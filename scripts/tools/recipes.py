@@ -287,6 +287,41 @@ def edit_matryoshka_validate_n_dims_per_step(text: str) -> str:
     return head + body
 
 
+REFUSE_MINI_BATCHED_MEGABATCH = '''\
+def _refuse_mini_batched_megabatch(loss) -> None:
+    """Raise a clear ValueError for MegaBatchMarginLoss in its mini-batched mode (the default).
+
+    Before sentence-transformers 5.7.0 that mode is not the batch loss: it returns the last mini-batch's
+    mean and drops every other mini-batch's gradient (upstream fixed it in 5.7.0, PR #3862, by moving it
+    onto the GradCache engine). Around it MatryoshkaLoss would train every dimension on that, so it
+    refuses the combination; the full-batch mode (use_mini_batched_version=False) is exact.
+    """
+    mini_batched = getattr(loss, "forward_mini_batched", None)
+    if mini_batched is None or vars(loss).get("forward") != mini_batched:
+        return
+    name = type(loss).__name__
+    raise ValueError(
+        f"MatryoshkaLoss cannot train {name} in its mini-batched mode (use_mini_batched_version=True, the "
+        "default) on this sentence-transformers release: that mode back-propagates only the last mini-batch's "
+        "loss, dropping every other mini-batch's gradient (fixed upstream in 5.7.0, PR #3862). Use "
+        f"{name}(..., use_mini_batched_version=False), or sentence-transformers 5.7.0 or later."
+    )
+
+'''
+
+
+def edit_matryoshka_refuse_mini_batched_megabatch(text: str) -> str:
+    """MatryoshkaLoss.__init__: refuse the pre-5.7 mini-batched MegaBatchMarginLoss with a clear error."""
+    head, body = _matryoshka_class(text)
+    body = _sub_once(
+        r"^        self\.loss = loss\n",
+        lambda m: m.group(0) + "        _refuse_mini_batched_megabatch(loss)\n",
+        body,
+        MATRYOSHKA,
+    )
+    return head + "\n" + REFUSE_MINI_BATCHED_MEGABATCH + body
+
+
 SAMPLE_DIM_INDICES = '''\
 def sample_dim_indices(dim_indices: range, n_dims_per_step: int) -> {list_of_int}:
     """``random.sample(dim_indices, n_dims_per_step)``, the same on every rank of a process group.
@@ -330,6 +365,28 @@ def edit_matryoshka_same_dims_on_every_rank(text: str) -> str:
     else:
         raise RecipeError(f"{MATRYOSHKA}: neither postponed annotations nor typing.List")
     return _sub_once(r"^class ForwardDecorator\b", lambda m: helper + m.group(0), text, MATRYOSHKA)
+
+
+MATRYOSHKA_2D = f"{LOSSES}/Matryoshka2dLoss.py"
+
+
+def edit_matryoshka2d_relative_imports(text: str) -> str:
+    """Matryoshka2dLoss: import its base classes from their modules (as 3.1.0 does, #2907).
+
+    ``from sentence_transformers.losses import AdaptiveLayerLoss, MatryoshkaLoss`` runs while
+    ``losses/__init__`` is still importing, and binds the submodule ``MatryoshkaLoss``, not the class:
+    constructing Matryoshka2dLoss then fails with "TypeError: 'module' object is not callable".
+    """
+    return _sub_once(
+        r"^from sentence_transformers\.losses import AdaptiveLayerLoss, MatryoshkaLoss\n"
+        r"from sentence_transformers\.SentenceTransformer import SentenceTransformer\n",
+        "from sentence_transformers import SentenceTransformer\n"
+        "\n"
+        "from .AdaptiveLayerLoss import AdaptiveLayerLoss\n"
+        "from .MatryoshkaLoss import MatryoshkaLoss\n",
+        text,
+        MATRYOSHKA_2D,
+    )
 
 
 @dataclass(frozen=True)

@@ -325,6 +325,176 @@ def edit_matryoshka_detect_protocol(text: str) -> str:
     )
 
 
+# --- 7b. MatryoshkaLoss drives a caching stage that back-propagates by itself (3.4.0 - 6.2.0) ------
+# A patch of its own, apart from 7: that one recognises a gradient-cache loss by capability and refuses
+# what the native CachedLossDecorator cannot truncate in; this one teaches MatryoshkaLoss the other
+# loss-stage style, so a maintainer can take the detection without the new code path.
+
+CACHING_STAGE = '''\
+class CachingStageDecorator:
+    """Truncation in ``calculate_loss_and_cache_gradients(reps, ...)`` of a gradient-cache loss that
+    back-propagates by itself instead of calling ``calculate_loss(reps, ..., with_backward=True)``: a
+    user's loss in the style of sentence-transformers 2.4 - 3.3 (its backward hook reads ``self.cache``)
+    or one whose backward hook reads ``rep.grad``. CachedLossDecorator cannot reach such a stage.
+
+    The stage runs once per Matryoshka dimension on truncated, re-normalised copies of the cached
+    embeddings, mini-batch by mini-batch as the loss chunks it (no graph spans the batch). Each
+    dimension's weighted gradients are chained back through the truncation onto the full-width
+    embeddings, and the sums are put where the loss reads them: ``rep.grad`` of every cached embedding,
+    and ``loss.cache`` when the stage set it.
+    """
+
+    def __init__(self, fn, loss: nn.Module, matryoshka_dims, matryoshka_weights, n_dims_per_step: int = -1) -> None:
+        self.fn = fn
+        self.loss = loss
+        self.matryoshka_dims = matryoshka_dims
+        self.matryoshka_weights = matryoshka_weights
+        self.n_dims_per_step = n_dims_per_step
+
+    def __call__(self, reps: list[list[Tensor]], *args, **kwargs) -> Tensor:
+        dim_indices = range(len(self.matryoshka_dims))
+        if self.n_dims_per_step > 0 and self.n_dims_per_step < len(dim_indices):
+            dim_indices = random.sample(dim_indices, self.n_dims_per_step)
+        missing = object()
+        cache_before = vars(self.loss).get("cache", missing)
+        loss = 0.0
+        # The stage back-propagates into its embeddings, also when it evaluates a loss without calculate_loss.
+        with torch.enable_grad():
+            for idx in dim_indices:
+                dim = self.matryoshka_dims[idx]
+                weight = self.matryoshka_weights[idx]
+                truncated = [[shrink(r, dim) for r in minibatch] for minibatch in reps]
+                matryoshka_reps = [[t.detach().requires_grad_() for t in minibatch] for minibatch in truncated]
+                loss += weight * self.fn(matryoshka_reps, *args, **kwargs).detach()
+                for t_minibatch, d_minibatch in zip(truncated, matryoshka_reps):
+                    for t, d in zip(t_minibatch, d_minibatch):
+                        if t.requires_grad and d.grad is not None:
+                            t.backward(weight * d.grad)  # summed onto the full-width rep.grad
+        if vars(self.loss).get("cache", missing) is not cache_before:
+            self.loss.cache = [[_grad_or_zeros(r) for r in minibatch] for minibatch in reps]
+        # A fresh leaf, as the stage returns one: the loss registers its backward hook on it.
+        return loss.requires_grad_(torch.is_grad_enabled())
+
+
+def _grad_or_zeros(rep: Tensor) -> Tensor:
+    return rep.grad if rep.grad is not None else torch.zeros_like(rep)
+
+
+def _truncates_in_caching_stage(loss: nn.Module) -> bool:
+    """Whether MatryoshkaLoss must truncate in ``loss.calculate_loss_and_cache_gradients``: the loss has one,
+    and no ``calculate_loss(reps, ..., with_backward=...)`` for CachedLossDecorator to truncate in."""
+    if not callable(getattr(loss, "calculate_loss_and_cache_gradients", None)):
+        return False
+    calculate_loss = getattr(loss, "calculate_loss", None)
+    return not callable(calculate_loss) or "with_backward" not in inspect.signature(calculate_loss).parameters
+
+
+def _decorated_loss_stage(matryoshka_loss: nn.Module) -> tuple[str, Any]:
+    """The loss stage of the inner loss that MatryoshkaLoss truncates in for this call: (name, decorated).
+
+    With gradients, a loss whose ``calculate_loss_and_cache_gradients`` back-propagates by itself is
+    truncated there; without gradients in its no-gradient ``calculate_loss(reps, ...)``, where it has one.
+    """
+    loss = matryoshka_loss.loss
+    args = (matryoshka_loss.matryoshka_dims, matryoshka_loss.matryoshka_weights, matryoshka_loss.n_dims_per_step)
+    evaluates_in_calculate_loss = callable(getattr(loss, "calculate_loss", None)) and not torch.is_grad_enabled()
+    if _truncates_in_caching_stage(loss) and not evaluates_in_calculate_loss:
+        stage = loss.calculate_loss_and_cache_gradients
+        return "calculate_loss_and_cache_gradients", CachingStageDecorator(stage, loss, *args)
+    return "calculate_loss", CachedLossDecorator(loss.calculate_loss, *args)
+
+
+'''
+
+DRIVE_OLD_CHECK = """\
+    calculate_loss = getattr(loss, "calculate_loss", None)
+    if not callable(calculate_loss) or "with_backward" not in inspect.signature(calculate_loss).parameters:
+        name = type(loss).__name__
+        raise ValueError(
+            f"MatryoshkaLoss cannot drive {name}: it is a gradient-cache (GradCache) loss, but it has no "
+            "calculate_loss(reps, ..., with_backward=...) method, the loss stage in which MatryoshkaLoss "
+            f"truncates the cached embeddings. Give {name} one that back-propagates into reps when "
+            "with_backward=True and call it from its forward (or its calculate_loss_and_cache_gradients), "
+            "or use a loss without a gradient cache."
+        )
+"""
+
+DRIVE_NEW_CHECK = """\
+    calculate_loss = getattr(loss, "calculate_loss", None)
+    with_backward = callable(calculate_loss) and "with_backward" in inspect.signature(calculate_loss).parameters
+    if not with_backward and not callable(getattr(loss, "calculate_loss_and_cache_gradients", None)):
+        name = type(loss).__name__
+        raise ValueError(
+            f"MatryoshkaLoss cannot drive {name}: it is a gradient-cache (GradCache) loss, but it has neither "
+            "a calculate_loss(reps, ..., with_backward=...) nor a calculate_loss_and_cache_gradients(reps, ...) "
+            f"method, the loss stages in which MatryoshkaLoss truncates the cached embeddings. Give {name} "
+            "one that back-propagates into reps and call it from its forward, or use a loss without a "
+            "gradient cache."
+        )
+"""
+
+DRIVE_OLD_DOC = """\
+    ``calculate_loss_and_cache_gradients`` (e.g. a user's own GradCache loss). MatryoshkaLoss truncates
+    in its ``calculate_loss(reps, ..., with_backward=...)``: a gradient-cache loss without one raises a
+    clear ValueError instead of crashing in backward or training the full dimension only.
+"""
+
+DRIVE_NEW_DOC = """\
+    ``calculate_loss_and_cache_gradients`` (e.g. a user's own GradCache loss). MatryoshkaLoss truncates
+    in its ``calculate_loss(reps, ..., with_backward=...)``, or in ``calculate_loss_and_cache_gradients``
+    when that one back-propagates by itself: a gradient-cache loss with neither raises a clear ValueError
+    instead of crashing in backward or training the full dimension only.
+"""
+
+DRIVE_OLD_SHADOW = """\
+            shadowed = vars(self.loss).get("calculate_loss")
+            self.loss.calculate_loss = CachedLossDecorator(
+                self.loss.calculate_loss, self.matryoshka_dims, self.matryoshka_weights, self.n_dims_per_step
+            )
+            try:
+                return self.loss(sentence_features, labels)
+            finally:
+                if shadowed is None:
+                    del self.loss.calculate_loss
+                else:
+                    self.loss.calculate_loss = shadowed
+"""
+
+DRIVE_NEW_SHADOW = """\
+            name, decorated = _decorated_loss_stage(self)
+            shadowed = vars(self.loss).get(name)
+            setattr(self.loss, name, decorated)
+            try:
+                return self.loss(sentence_features, labels)
+            finally:
+                if shadowed is None:
+                    delattr(self.loss, name)
+                else:
+                    setattr(self.loss, name, shadowed)
+"""
+
+
+def _replace_once(text: str, old: str, new: str, what: str) -> str:
+    """Replace the one literal copy of ``old`` (text an earlier patch of the series wrote)."""
+    if text.count(old) != 1:
+        first = old.strip().splitlines()[0]
+        raise RecipeError(f"{what}: expected exactly one copy of {first!r}, found {text.count(old)}")
+    return text.replace(old, new)
+
+
+def edit_matryoshka_drive_caching_stage(text: str) -> str:
+    """MatryoshkaLoss: truncate in calculate_loss_and_cache_gradients where that is where the loss back-propagates."""
+    what = "MatryoshkaLoss"
+    if not re.search(r"^import torch$", text, flags=re.M) or not re.search(
+        r"^from typing import .*\bAny\b", text, flags=re.M
+    ):
+        raise RecipeError(f"{what}: expected 'import torch' and typing.Any")
+    text = _replace_once(text, DRIVE_OLD_CHECK, DRIVE_NEW_CHECK, what)
+    text = _replace_once(text, DRIVE_OLD_DOC, DRIVE_NEW_DOC, what)
+    text = _replace_once(text, DRIVE_OLD_SHADOW, DRIVE_NEW_SHADOW, what)
+    return _sub_once(r"^def _uses_gradient_cache\(", lambda m: CACHING_STAGE + m.group(0), text, what)
+
+
 # --- 8. the GradCache surrogate keeps float64 precision (5.7.0 - 6.1.x) -----------------------------
 
 GRADCACHE = "sentence_transformers/base/losses/gradcache.py"
@@ -395,6 +565,16 @@ NATIVE_FIXES: tuple[Concern, ...] = (
     ),
     Concern(
         "native-matryoshka-gradcache-protocol", {MATRYOSHKA_NEW: edit_matryoshka_detect_protocol}, releases=">=5.4.0"
+    ),
+    Concern(
+        "native-matryoshka-drive-caching-stage",
+        {MATRYOSHKA_OLD: edit_matryoshka_drive_caching_stage},
+        releases=">=3.4.0,<5.4.0",
+    ),
+    Concern(
+        "native-matryoshka-drive-caching-stage",
+        {MATRYOSHKA_NEW: edit_matryoshka_drive_caching_stage},
+        releases=">=5.4.0",
     ),
     Concern(
         "native-adaptive-layer-refuses-gradient-cache",
