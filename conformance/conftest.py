@@ -132,6 +132,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "distributed: launches ranks of a torch.distributed (gloo, CPU) process group (test_distributed.py)"
     )
+    config.addinivalue_line(
+        "markers", "training: trains through SentenceTransformerTrainer / model.fit and replays it (test_training.py)"
+    )
 
 
 def pytest_addoption(parser):
