@@ -57,7 +57,7 @@ class Recipe:
     bf16: bool = False
 
 
-def _record(loss_fn, run: Run):
+def record(loss_fn, run: Run):
     """Hooks on the loss module: copy its input features, keep its output. Returns the handles."""
 
     def before(module, args):
@@ -165,7 +165,7 @@ def _fit(model, loss_fn, columns, recipe: Recipe) -> None:
 def train(model, loss_fn, columns, output_dir: Path, recipe: Recipe) -> Run:
     """Train ``model`` with ``loss_fn`` through the release's own training loop, recorded."""
     run = Run()
-    handles = _record(loss_fn, run)
+    handles = record(loss_fn, run)
     torch.manual_seed(0)
     try:
         if HAS_TRAINER:
