@@ -79,7 +79,17 @@ def _inner_loss(cls, model, cached: bool, record):
         return cls(model, **kwargs)
 
 
-def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cached: bool) -> None:
+def _under_ddp(loss_fn, model):
+    """Route the losses' forwards through ``DistributedDataParallel(model)``, as the trainer does
+    (``override_model_in_loss``): DDP all-reduces (averages) the parameter gradients of every backward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapped = DistributedDataParallel(model, find_unused_parameters=True)  # BERT's pooler: mean pooling skips it
+    loss_fn.model = wrapped
+    loss_fn.loss.model = wrapped
+
+
+def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cached: bool, ddp: bool) -> None:
     """One rank: join the group, run the steps, write ``rank<r>.pt`` (or ``rank<r>.err``), leave."""
     import torch.distributed as dist
 
@@ -100,6 +110,8 @@ def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cac
                 steps[-1].append(width)
 
         loss_fn = compat.matryoshka_loss(model, _inner_loss(cls, model, cached, record), DIMS, None, N_DIMS_PER_STEP)
+        if ddp:
+            _under_ddp(loss_fn, model)
         grads = []
         for _ in range(STEPS):
             steps.append([])
@@ -114,13 +126,22 @@ def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cac
         os._exit(1)
 
 
-def _run_ranks(tmp_path: Path, master_model, features_per_rank, cls, cached: bool) -> list[dict]:
+def _run_ranks(tmp_path: Path, master_model, features_per_rank, cls, cached: bool, ddp: bool = False) -> list[dict]:
     """Fork the ranks, wait for them (bounded), kill what is left; the ranks' results, or pytest.fail."""
     ctx = multiprocessing.get_context("fork")
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, str(tmp_path / "store"), str(tmp_path), master_model, features_per_rank[rank], cls, cached),
+            args=(
+                rank,
+                str(tmp_path / "store"),
+                str(tmp_path),
+                master_model,
+                features_per_rank[rank],
+                cls,
+                cached,
+                ddp,
+            ),
             daemon=True,
         )
         for rank in range(WORLD)
@@ -160,13 +181,8 @@ def _run_ranks(tmp_path: Path, master_model, features_per_rank, cls, cached: boo
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
-@pytest.mark.skipif(not compat.MATRYOSHKA_HAS_NDPS, reason="MatryoshkaLoss has no n_dims_per_step before 2.5.0")
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="the ranks are forked")
-@pytest.mark.parametrize("cached", [pytest.param(True, id="CMNRL"), pytest.param(False, id="MNRL")])
-def test_ranks_train_the_same_widths(cached, master_model, texts, tmp_path):
-    assert _sample(SEEDS[0]) != _sample(SEEDS[1]), "the seeds must make upstream's sampling differ per rank"
-    cls = compat.loss_class(compat.LOSS_NAMES["mnrl"][1 if cached else 0])
+def _batch(master_model, texts):
+    """The whole batch (both ranks' rows) and ``rank_rows(rank)``, that rank's half of every column."""
     rows = WORLD * ROWS_PER_RANK
     batch = [compat.tokenize(master_model, col[:rows]) for col in texts[:COLUMNS]]
 
@@ -174,6 +190,24 @@ def test_ranks_train_the_same_widths(cached, master_model, texts, tmp_path):
         part = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
         return [{k: v[part] if isinstance(v, torch.Tensor) else v for k, v in column.items()} for column in batch]
 
+    return batch, rank_rows
+
+
+ranked = [
+    pytest.mark.skipif(not compat.MATRYOSHKA_HAS_NDPS, reason="MatryoshkaLoss has no n_dims_per_step before 2.5.0"),
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
+    pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="the ranks are forked"),
+]
+
+
+@ranked[0]
+@ranked[1]
+@ranked[2]
+@pytest.mark.parametrize("cached", [pytest.param(True, id="CMNRL"), pytest.param(False, id="MNRL")])
+def test_ranks_train_the_same_widths(cached, master_model, texts, tmp_path):
+    assert _sample(SEEDS[0]) != _sample(SEEDS[1]), "the seeds must make upstream's sampling differ per rank"
+    cls = compat.loss_class(compat.LOSS_NAMES["mnrl"][1 if cached else 0])
+    batch, rank_rows = _batch(master_model, texts)
     results = _run_ranks(tmp_path, master_model, [rank_rows(r) for r in range(WORLD)], cls, cached)
 
     widths = [r["widths"] for r in results]
@@ -189,3 +223,33 @@ def test_ranks_train_the_same_widths(cached, master_model, texts, tmp_path):
         _, ref_grads = oracle.reference(model, batch, spec, mat)
         mean = {name: sum(r["grads"][step][name] for r in results) / WORLD for name in ref_grads}
         assert_close_recorded(mean, ref_grads, what=f"step {step}: gradients averaged over the ranks")
+
+
+@ranked[0]
+@ranked[1]
+@ranked[2]
+@pytest.mark.parametrize("cached", [pytest.param(True, id="CMNRL"), pytest.param(False, id="MNRL")])
+def test_ddp_gradients(cached, master_model, texts, tmp_path):
+    """MatryoshkaLoss under DistributedDataParallel: every rank ends with the same all-reduced gradients,
+    equal to the float64 reference of the whole batch where the inner loss gathers across devices, else to
+    the average of the per-rank references (each rank's rows with its own in-batch negatives).
+
+    GradCache runs one backward per mini-batch; DDP averages each one, and the averages add up to the
+    average of the sums only if every rank runs the same backwards - a rank that does not fails or hangs.
+    """
+    cls = compat.loss_class(compat.LOSS_NAMES["mnrl"][1 if cached else 0])
+    batch, rank_rows = _batch(master_model, texts)
+    results = _run_ranks(tmp_path, master_model, [rank_rows(r) for r in range(WORLD)], cls, cached, ddp=True)
+    widths = [r["widths"] for r in results]
+    assert widths[0] == widths[1], f"ranks trained different widths per step: rank 0 {widths[0]}, rank 1 {widths[1]}"
+    model = copy.deepcopy(master_model).train()
+    spec = oracle.InnerSpec(kind="mnrl")
+    for step, step_widths in enumerate(widths[0]):
+        mat = oracle.MatryoshkaSpec(dims=tuple(step_widths))
+        if _gathers(cls):
+            expected = oracle.reference(model, batch, spec, mat)[1]
+        else:
+            per_rank = [oracle.reference(model, rank_rows(r), spec, mat)[1] for r in range(WORLD)]
+            expected = {name: sum(g[name] for g in per_rank) / WORLD for name in per_rank[0]}
+        for rank, result in enumerate(results):
+            assert_close_recorded(result["grads"][step], expected, what=f"step {step}, rank {rank}: DDP gradients")
