@@ -125,13 +125,14 @@ def dataset(columns: list[list[str]]):
     return datasets.Dataset.from_dict(dict(zip(names, columns)))
 
 
-def trainer(model, loss_fn, train_columns, output_dir: Path, recipe: Recipe, eval_columns=None):
-    """A SentenceTransformerTrainer on ``train_columns`` (lists of texts) with SGD, constant LR, no saving."""
+def trainer(model, loss_fn, train_columns, output_dir: Path, recipe: Recipe, eval_columns=None, **args):
+    """A SentenceTransformerTrainer on ``train_columns`` (lists of texts) with SGD, constant LR, no saving;
+    ``args``: further training arguments."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return sentence_transformers.SentenceTransformerTrainer(
             model=model,
-            args=_training_args(output_dir, recipe),
+            args=_training_args(output_dir, recipe, **args),
             train_dataset=dataset(train_columns),
             eval_dataset=dataset(eval_columns) if eval_columns is not None else None,
             loss=loss_fn,
