@@ -35,6 +35,9 @@ COLUMNS = 2
 MIN_UPDATE = 1e-3
 
 needs_trainer = pytest.mark.skipif(not training.HAS_TRAINER, reason="SentenceTransformerTrainer exists from 3.0")
+needs_truncate_dim = pytest.mark.skipif(
+    not training.EVALUATORS_TRUNCATE, reason="evaluators have truncate_dim from 2.7.0 (PR #2582)"
+)
 
 
 def _kinds():
@@ -203,6 +206,7 @@ EVAL_RECIPE = training.Recipe(steps=40, batch_size=16, lr=0.1)
 MIN_GAIN = 0.25
 
 
+@needs_truncate_dim
 def test_evaluator_per_width_improves(master_model, tmp_path):
     """MatryoshkaLoss(cached MNRL) trained on translation pairs: an InformationRetrievalEvaluator with
     ``truncate_dim`` at every Matryoshka width reports the oracle's accuracy@1 of the truncated embeddings,
@@ -258,6 +262,7 @@ def test_minilm_trains_like_the_oracle(cached, master_minilm, texts, tmp_path):
 
 
 @pytest.mark.minilm
+@needs_truncate_dim
 def test_minilm_evaluator_per_width(master_minilm, tmp_path):
     """After a short fine-tune, the InformationRetrievalEvaluator at each width runs and reports the oracle's
     accuracy@1 of the truncated embeddings on held-out pairs."""

@@ -90,6 +90,15 @@ def evaluation_module():
     return _module("sentence_transformers.sentence_transformer.evaluation", "sentence_transformers.evaluation")
 
 
+def _evaluators_truncate() -> bool:
+    ir = evaluation_module().InformationRetrievalEvaluator
+    return "truncate_dim" in inspect.signature(ir.__init__).parameters
+
+
+#: Evaluators take ``truncate_dim`` from 2.7.0.
+EVALUATORS_TRUNCATE = _evaluators_truncate()
+
+
 def _training_args(output_dir: Path, recipe: Recipe, **extra):
     args_cls = sentence_transformers.SentenceTransformerTrainingArguments
     kwargs = dict(
