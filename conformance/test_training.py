@@ -61,10 +61,11 @@ def _tol(cached: bool) -> dict:
 def _train_and_replay(
     kind, cached, master_model, master_guide, texts, tmp_path, recipe, *, dtype=torch.float64, probe=None, dims=DIMS
 ):
+    """Train a copy of ``master_model`` (and of the guide: the loss owns it) and replay the run in float64."""
     model = copy.deepcopy(master_model).to(dtype).train()
     if probe is not None:
         model[0].register_forward_hook(probe)
-    spec, loss_fn = _loss(kind, model, master_guide, cached, dims)
+    spec, loss_fn = _loss(kind, model, copy.deepcopy(master_guide), cached, dims)
     run = training.train(model, loss_fn, _columns(texts), tmp_path, recipe)
     expected = recipe.steps * recipe.accumulation
     assert len(run.batches) == expected, f"the loss ran on {len(run.batches)} micro-batches, expected {expected}"
