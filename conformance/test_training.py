@@ -59,14 +59,25 @@ def _tol(cached: bool) -> dict:
 
 
 def _train_and_replay(
-    kind, cached, master_model, master_guide, texts, tmp_path, recipe, *, dtype=torch.float64, probe=None, dims=DIMS
+    kind,
+    cached,
+    master_model,
+    master_guide,
+    texts,
+    tmp_path,
+    recipe,
+    *,
+    dtype=torch.float64,
+    probe=None,
+    dims=DIMS,
+    fit=False,
 ):
     """Train a copy of ``master_model`` (and of the guide: the loss owns it) and replay the run in float64."""
     model = copy.deepcopy(master_model).to(dtype).train()
     if probe is not None:
         model[0].register_forward_hook(probe)
     spec, loss_fn = _loss(kind, model, copy.deepcopy(master_guide), cached, dims)
-    run = training.train(model, loss_fn, _columns(texts), tmp_path, recipe)
+    run = training.train(model, loss_fn, _columns(texts), tmp_path, recipe, fit=fit)
     expected = recipe.steps * recipe.accumulation
     assert len(run.batches) == expected, f"the loss ran on {len(run.batches)} micro-batches, expected {expected}"
     sizes = [batch[0]["input_ids"].shape[0] for batch in run.batches]
@@ -85,6 +96,16 @@ def test_trains_like_the_oracle(kind, cached, master_model, master_guide, texts,
     """Three SGD steps on 8 pairs: every step's loss and the final weights equal the float64 replay."""
     recipe = training.Recipe(steps=3, batch_size=ROWS)
     run, ref = _train_and_replay(kind, cached, master_model, master_guide, texts, tmp_path, recipe)
+    assert_close_recorded(torch.stack(run.losses), torch.stack(ref.losses), what="loss per step")
+    assert_close_recorded(run.weights, ref.weights, what="weights after training", **_tol(cached))
+
+
+@needs_trainer
+@pytest.mark.parametrize("cached", [pytest.param(True, id="cached"), pytest.param(False, id="plain")])
+def test_model_fit_from_3(cached, master_model, master_guide, texts, tmp_path):
+    """The 2.x API ``model.fit`` on 3.0+ (a wrapper that builds a trainer): the same three steps, the same replay."""
+    recipe = training.Recipe(steps=3, batch_size=ROWS)
+    run, ref = _train_and_replay("mnrl", cached, master_model, master_guide, texts, tmp_path, recipe, fit=True)
     assert_close_recorded(torch.stack(run.losses), torch.stack(ref.losses), what="loss per step")
     assert_close_recorded(run.weights, ref.weights, what="weights after training", **_tol(cached))
 

@@ -172,13 +172,14 @@ def _fit(model, loss_fn, columns, recipe: Recipe) -> None:
         )
 
 
-def train(model, loss_fn, columns, output_dir: Path, recipe: Recipe) -> Run:
-    """Train ``model`` with ``loss_fn`` through the release's own training loop, recorded."""
+def train(model, loss_fn, columns, output_dir: Path, recipe: Recipe, *, fit: bool = False) -> Run:
+    """Train ``model`` with ``loss_fn`` through the release's own training loop, recorded: the trainer
+    where it exists, else (or with ``fit=True``) ``model.fit`` (from 3.0 a wrapper around the trainer)."""
     run = Run()
     handles = record(loss_fn, run)
     torch.manual_seed(0)
     try:
-        if HAS_TRAINER:
+        if HAS_TRAINER and not fit:
             trainer(model, loss_fn, columns, output_dir, recipe).train()
         else:
             _fit(model, loss_fn, columns, recipe)
