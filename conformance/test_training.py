@@ -134,6 +134,27 @@ def test_gradient_clipping(cached, master_model, master_guide, texts, tmp_path):
     assert_close_recorded(run.weights, ref.weights, what="weights after clipped training", **_tol(cached))
 
 
+#: float32 training (what users run) against the float64 replay. float32 unit roundoff is 6e-8; a loss
+#: is a log-sum-exp over 8 scaled cosines, a weight the sum of 3 SGD steps of gradients through two BERT
+#: layers. Measured on 2.7.0 / 3.3.1 / 5.3.0 / 6.2.0: largest weight difference 3.7e-6 (plain, 5.3.0),
+#: cached 2.6e-6; the bounds are ~10x that and still far below a wrong gradient (every check's update
+#: exceeds MIN_UPDATE = 1e-3, so a gradient scaled by 2 is off by >= 1e-3).
+F32_LOSS_TOL = {"rtol": 1e-5, "atol": 1e-6}
+F32_WEIGHT_TOL = {"rtol": 1e-4, "atol": 4e-5}
+
+
+@pytest.mark.parametrize("cached", [pytest.param(True, id="cached"), pytest.param(False, id="plain")])
+def test_float32_training(cached, master_model, master_guide, texts, tmp_path):
+    """A float32 copy trained three steps: losses and weights within float32 rounding of the float64 replay,
+    so cached and non-cached float32 runs agree with each other to the same bound."""
+    recipe = training.Recipe(steps=3, batch_size=ROWS)
+    run, ref = _train_and_replay(
+        "mnrl", cached, master_model, master_guide, texts, tmp_path, recipe, dtype=torch.float32
+    )
+    assert_close_recorded(torch.stack(run.losses), torch.stack(ref.losses), what="float32 loss", **F32_LOSS_TOL)
+    assert_close_recorded(run.weights, ref.weights, what="float32 weights", **F32_WEIGHT_TOL)
+
+
 #: bf16 autocast on CPU (trainer ``bf16=True``): bf16 keeps 8 significant bits (unit roundoff 2^-9 = 2e-3).
 #: A loss value carries a few roundoffs of its size: rtol 2e-2 (measured on 3.3.1: 0.8% / 0.9%, cached /
 #: plain). Single gradient elements can lose all precision, so the weights are judged by the whole update
