@@ -187,12 +187,13 @@ def test_bf16_autocast(cached, master_model, master_guide, texts, tmp_path):
 
 
 @needs_trainer
+@pytest.mark.parametrize("cached", [pytest.param(True, id="cached"), pytest.param(False, id="plain")])
 @pytest.mark.parametrize("kind", _kinds())
-def test_eval_loss_without_gradients(kind, master_model, master_guide, texts, tmp_path):
+def test_eval_loss_without_gradients(kind, cached, master_model, master_guide, texts, tmp_path):
     """``trainer.evaluate()`` on an eval set: the loss runs under no_grad, no backward reaches the model,
-    and ``eval_loss`` is the oracle's loss of the evaluated batch."""
+    and ``eval_loss`` is the oracle's loss of the evaluated batch (so cached and non-cached agree)."""
     model = copy.deepcopy(master_model).train()
-    spec, loss_fn = _loss(kind, model, master_guide, cached=True)
+    spec, loss_fn = _loss(kind, model, copy.deepcopy(master_guide), cached=cached)
     backwards = []
     hooks = [p.register_hook(lambda g: backwards.append(1)) for p in model.parameters()]
     run = training.Run()
