@@ -8,7 +8,8 @@ oracle (:mod:`conformance.training`): every loss value and the final weights mus
 
 Tolerances: float64 runs use the suite's float64 tolerance (rtol 1e-7 / atol 1e-9;
 ``compat.CACHED_GRAD_TOL`` on the releases whose GradCache surrogate is float32): the only differences
-are summation orders. The bf16 check has its own, stated there. Marker ``training``.
+are summation orders. The float32 and bf16 checks have their own, stated next to them. Marker
+``training``; the checks of the real all-MiniLM-L6-v2 also carry ``minilm``.
 """
 
 from __future__ import annotations
