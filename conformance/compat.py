@@ -152,6 +152,20 @@ ADAPTIVE_HAS_LAYER_WEIGHTING = _accepts(loss_class("AdaptiveLayerLoss"), "layer_
 ADAPTIVE_KEYWORDS = ("n_layers_per_step", "last_layer_weight", "prior_layers_weight", "kl_div_weight", "kl_temperature")
 
 
+def _adaptive_layer_caches() -> bool:
+    """Whether AdaptiveLayerLoss trains a GradCache loss (the backport's ``_adaptive_layer_cache`` module)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.util.find_spec("sentence_transformers.losses._adaptive_layer_cache") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+#: AdaptiveLayerLoss / Matryoshka2dLoss around a GradCache loss is supported (else: refused or broken).
+ADAPTIVE_LAYER_CACHES = _adaptive_layer_caches()
+
+
 def adaptive_semantics(**overrides: Any) -> dict[str, Any]:
     """The layer oracle's parameters that encode this release's AdaptiveLayerLoss semantics.
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import pytest
+import torch
 
-from conformance import compat, oracle_layers
+from conformance import compat, oracle_layers, protocol_losses
 from conformance.cases import NONCACHED_NAME, available, base_case
 from conformance.harness import st_loss_and_grads
 from conformance.oracle_layers import LayerSpec
@@ -55,11 +56,11 @@ class Case2D:
         overrides = {"layer_weighting": self.layer_weighting} if self.layer_weighting else {}
         return LayerSpec(**self.layer, **compat.adaptive_semantics(**overrides), seed=self.seed)
 
-    def st_loss(self, model, guide=None, cached: bool = False, mini_batch_size: int = 5):
+    def st_loss(self, model, guide=None, cached: bool = False, mini_batch_size: int = 5, style: str | None = None):
         base = base_case(
             self.kind, cached=cached, dims=self.dims, weights=self.weights, mini_batch_size=mini_batch_size
         )
-        inner = base.inner_loss(model, guide)
+        inner = protocol_losses.STYLES[style](model, mini_batch_size) if style else base.inner_loss(model, guide)
         weights = list(self.weights) if self.weights else None
         if self.wrapper == "Matryoshka2dLoss":
             return compat.matryoshka_2d_loss(
@@ -158,3 +159,63 @@ def test_layer_oracle_final_layer_is_the_model_embedding(deep_model, feats):
     for column, (mine, theirs) in enumerate(zip(layers, model_embs)):
         assert mine.shape[0] == deep_model[0].auto_model.config.num_hidden_layers + 1
         assert_close_recorded(mine[-1].detach(), theirs.detach(), what=f"final layer of column {column}")
+
+
+# ------------------------------------------------------------------------------ around GradCache losses
+
+CACHED = pytest.mark.skipif(
+    not compat.ADAPTIVE_LAYER_CACHES,
+    reason=f"no layer cache in {compat.ST_RELEASE} ({compat.STATE}): test_adaptive_layer.py checks the refusal",
+)
+
+
+def cached_cases() -> list[tuple[Case2D, int, str | None]]:
+    """(case, mini-batch size, user protocol style or None): the axes around each cached loss, mini-batch sizes
+    5 (ragged: 13 rows), 13 and 32, and a user's own GradCache loss in every loss-stage style."""
+    out: list[tuple[Case2D, int, str | None]] = []
+    for wrapper in WRAPPERS:
+        layer_cases = {c.label: c for c in _layer_axes(wrapper)}
+        for label in ("base", "nlps-all", "nlps2-no-kl", "weights0.7_1.3", "kl0.5-t0.7"):
+            out.append((layer_cases[label], 5, None))
+        out += [(layer_cases["nlps2"], mbs, None) for mbs in (5, 13, 32)]
+        if wrapper != "AdaptiveLayerLoss":
+            out += [(c, 5, None) for c in _width_axes(wrapper)]
+        for kind in ("mnsrl", "gist"):
+            if compat.has_cached(kind):
+                out.append((Case2D(wrapper=wrapper, kind=kind, columns=2, layer={"n_layers_per_step": 2}), 5, None))
+        out += [(replace(layer_cases["nlps2"], label=f"user-{style}"), 5, style) for style in protocol_losses.STYLES]
+    return out
+
+
+def _cached_id(param) -> str:
+    case, mbs, _style = param
+    return f"{case.wrapper}-{compat.SHORT[case.kind]}-mbs{mbs}-{case.label}"
+
+
+@CACHED
+@pytest.mark.parametrize("param", cached_cases(), ids=_cached_id)
+def test_2d_cached_vs_reference(param, deep_model, guide, feats):
+    """The 2D loss around a GradCache loss: value and every parameter gradient as the oracle's, at float64."""
+    case, mbs, style = param
+    features = feats(case.columns)
+    ref_value, ref_grads = case.reference(deep_model, features, guide)
+    loss = case.st_loss(deep_model, guide, cached=True, mini_batch_size=mbs, style=style)
+    value, grads = st_loss_and_grads(deep_model, loss, features, seed=case.seed, what=_cached_id(param))
+    assert_close_recorded(value, ref_value, what="loss value")
+    assert_close_recorded(grads, ref_grads, what="parameter gradients")
+
+
+@CACHED
+@pytest.mark.parametrize("wrapper", ["AdaptiveLayerLoss", "Matryoshka2dLoss"])
+def test_2d_cached_dropout_same_seed(wrapper, dropout_model, feats):
+    """Dropout on, same torch seed, one mini-batch per column: the cached 2D loss sees the masks of the oracle's
+    forward (one per column, in order) in both of its passes, so the random state must be replayed in the second."""
+    case = Case2D(wrapper=wrapper, layer={"n_layers_per_step": -1})
+    features = feats(case.columns)
+    torch.manual_seed(1234)
+    ref_value, ref_grads = case.reference(dropout_model, features)
+    torch.manual_seed(1234)
+    loss = case.st_loss(dropout_model, cached=True, mini_batch_size=32)
+    value, grads = st_loss_and_grads(dropout_model, loss, features, seed=case.seed, what=f"{case.id} with dropout")
+    assert_close_recorded(value, ref_value, what="loss value with dropout")
+    assert_close_recorded(grads, ref_grads, what="parameter gradients with dropout")

@@ -1,6 +1,7 @@
 """The conformance suite tests itself: deliberately broken variants of the patched code must be caught.
 
-Each mutant is one plausible bug in the truncate-after-cache module of the backport series. The suite
+Each mutant is one plausible bug in the truncate-after-cache module of the backport series or in its
+AdaptiveLayerLoss layer cache. The suite
 runs on ST 3.3.1 with the series applied to an unpacked wheel (first on PYTHONPATH), once with the
 module as shipped - everything passes - and once per mutant, which must fail the checks named here.
 """
@@ -70,16 +71,55 @@ MUTANTS = {
         "    pass",
         "test_protocol_loss_without_loss_stage_raises_clear_error",
     ),
-    "adaptive-layer-accepts-gradcache": (
+    "adaptive-layer-accepts-gradcache": (  # a chain the layer cache does not handle must still be refused
         "    cached = [index for index, module in enumerate(chain) if is_gradcache_loss(module)]",
         "    cached = []",
-        "test_adaptive_layers_refuse_gradient_cache",
+        "test_adaptive_layers_refuse_unsupported_gradient_cache_chain",
     ),
-    "adaptive-layer-checks-its-own-loss-only": (  # Matryoshka2dLoss hands it MatryoshkaLoss(cached)
+    "adaptive-layer-checks-its-own-loss-only": (  # AdaptiveLayerLoss(MatryoshkaLoss(MatryoshkaLoss(cached)))
         '        module = getattr(module, "loss", None)',
         "        module = None",
-        "test_adaptive_layers_refuse_gradient_cache",
+        "test_adaptive_layers_refuse_unsupported_gradient_cache_chain",
     ),
+}
+
+#: Mutants of the AdaptiveLayerLoss layer cache (same form as MUTANTS).
+LAYER_MODULE = "sentence_transformers/losses/_adaptive_layer_cache.py"
+LAYER_MUTANTS = {
+    "layer-gradient-dropped": (  # a prior layer's loss term pushes no gradient into that layer
+        "        _add(grads, index, grad)\n",
+        "\n",
+        "test_2d_cached_vs_reference",
+    ),
+    "kl-term-without-gradient": (
+        "            _add(grads, FINAL, grad_final)\n            _add(grads, index, grad_layer)\n",
+        "\n",
+        "test_2d_cached_vs_reference",
+    ),
+    "layers-sampled-unlike-upstream": (  # the first n layers instead of random.sample's
+        "indices = random.sample(indices, owner.n_layers_per_step)",
+        "indices = list(indices)[: owner.n_layers_per_step]",
+        "test_2d_cached_vs_reference",
+    ),
+    "second-pass-without-rng-replay": (  # dropout masks of the with-grad pass differ from the cached ones
+        "            with _replayed(call.rng):",
+        "            if True:",
+        "test_2d_cached_dropout_same_seed",
+    ),
+    "layer-hidden-state-off-by-one": (
+        "FIRST_PRIOR = 1",
+        "FIRST_PRIOR = 0",
+        "test_2d_cached_vs_reference",
+    ),
+    "wrong-model-accepted": (
+        '    if getattr(inner, "model", None) is not getattr(owner, "model", None):',
+        "    if False:",
+        "test_adaptive_layers_refuse_unsupported_gradient_cache_chain",
+    ),
+}
+ALL_MUTANTS = {
+    **{k: (MODULE, *v) for k, v in MUTANTS.items()},
+    **{k: (LAYER_MODULE, *v) for k, v in LAYER_MUTANTS.items()},
 }
 
 
@@ -118,10 +158,10 @@ def test_the_series_as_shipped_passes(patched_wheel, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+@pytest.mark.parametrize("mutant", sorted(ALL_MUTANTS))
 def test_the_suite_catches_the_mutant(mutant, patched_wheel, tmp_path):
-    original, broken, must_fail = MUTANTS[mutant]
-    module = patched_wheel / MODULE
+    path, original, broken, must_fail = ALL_MUTANTS[mutant]
+    module = patched_wheel / path
     text = module.read_bytes()
     assert text.count(original.encode()) == 1, f"mutant {mutant}: the module no longer has {original!r}"
     try:

@@ -19,6 +19,7 @@ from .recipes import (
     SYMMETRIC,
     Concern,
     edit_adaptive_layer,
+    edit_adaptive_layer_cached,
     edit_matryoshka,
     edit_matryoshka_check_dims,
     edit_matryoshka_same_dims_on_every_rank,
@@ -73,6 +74,12 @@ BACKPORT: tuple[Concern, ...] = (
         "matryoshka-same-dims-on-every-rank", {MATRYOSHKA: edit_matryoshka_same_dims_on_every_rank}, releases=">=2.5.0"
     ),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
+    Concern(
+        "adaptive-layer-truncate-after-cache",
+        {ADAPTIVE_LAYER: edit_adaptive_layer_cached},
+        (f"{LOSSES}/_adaptive_layer_cache.py",),
+        releases=">=2.5.0",  # AdaptiveLayerLoss exists from 2.5.0
+    ),
 )
 
 NATIVE_FIXES: tuple[Concern, ...] = (
