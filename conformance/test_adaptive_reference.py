@@ -17,7 +17,7 @@ import torch
 
 from conformance import compat, oracle_layers, protocol_losses
 from conformance.cases import NONCACHED_NAME, available, base_case
-from conformance.harness import st_loss_and_grads
+from conformance.harness import call_loss, st_loss_and_grads
 from conformance.oracle_layers import LayerSpec
 from conformance.recording import assert_close_recorded
 
@@ -219,3 +219,20 @@ def test_2d_cached_dropout_same_seed(wrapper, dropout_model, feats):
     value, grads = st_loss_and_grads(dropout_model, loss, features, seed=case.seed, what=f"{case.id} with dropout")
     assert_close_recorded(value, ref_value, what="loss value with dropout")
     assert_close_recorded(grads, ref_grads, what="parameter gradients with dropout")
+
+
+@CACHED
+@pytest.mark.parametrize("wrapper", ["AdaptiveLayerLoss", "Matryoshka2dLoss"])
+def test_2d_cached_no_grad_and_scaled_backward(wrapper, deep_model, feats):
+    """Evaluation (no_grad) gives the oracle's value without a graph; ``(2.5 * loss).backward()`` gives 2.5 times
+    the oracle's gradients (the second pass multiplies by the gradient that reaches the loss)."""
+    case = Case2D(wrapper=wrapper, layer={"n_layers_per_step": 2})
+    features = feats(case.columns)
+    ref_value, ref_grads = case.reference(deep_model, features)
+    with torch.no_grad():
+        value = call_loss(case.st_loss(deep_model, cached=True), features, seed=case.seed, what=f"{case.id} no_grad")
+    assert not value.requires_grad, "the loss under no_grad carries a graph"
+    assert_close_recorded(value, ref_value, what="loss value under no_grad")
+    loss = case.st_loss(deep_model, cached=True)
+    _, grads = st_loss_and_grads(deep_model, loss, features, seed=case.seed, what=case.id, scale=2.5)
+    assert_close_recorded(grads, {k: 2.5 * g for k, g in ref_grads.items()}, what="gradients of 2.5 * loss")

@@ -87,13 +87,13 @@ MUTANTS = {
 LAYER_MODULE = "sentence_transformers/losses/_adaptive_layer_cache.py"
 LAYER_MUTANTS = {
     "layer-gradient-dropped": (  # a prior layer's loss term pushes no gradient into that layer
-        "        _add(grads, index, grad)\n",
-        "\n",
+        "        _add(grads, index, grad)",
+        "        pass",
         "test_2d_cached_vs_reference",
     ),
-    "kl-term-without-gradient": (
-        "            _add(grads, FINAL, grad_final)\n            _add(grads, index, grad_layer)\n",
-        "\n",
+    "kl-term-without-gradient": (  # the KL value is added, its gradient never computed
+        "                layers[FINAL], layers[index], owner.kl_temperature, owner.kl_div_weight, caching",
+        "                layers[FINAL], layers[index], owner.kl_temperature, owner.kl_div_weight, False",
         "test_2d_cached_vs_reference",
     ),
     "layers-sampled-unlike-upstream": (  # the first n layers instead of random.sample's
@@ -105,6 +105,11 @@ LAYER_MUTANTS = {
         "            with _replayed(call.rng):",
         "            if True:",
         "test_2d_cached_dropout_same_seed",
+    ),
+    "second-pass-ignores-incoming-gradient": (  # (2.5 * loss).backward() trains like loss.backward()
+        "            (surrogate * grad_output).backward()",
+        "            surrogate.backward()",
+        "test_2d_cached_no_grad_and_scaled_backward",
     ),
     "layer-hidden-state-off-by-one": (
         "FIRST_PRIOR = 1",

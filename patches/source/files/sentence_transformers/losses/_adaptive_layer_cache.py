@@ -160,7 +160,7 @@ class _LayerRecorder:
 
     def __call__(self, features: Dict[str, Tensor], *args: Any, **kwargs: Any) -> Dict[str, Tensor]:
         inputs, rng = dict(features), _rng_state(features)
-        output, layers = embed_layers(self.model, partial(self.original, *args, **kwargs), features)
+        output, layers = embed_layers(self.model, lambda f: self.original(f, *args, **kwargs), features)
         self.calls.append(_Call(inputs, rng, {k: v.detach() for k, v in layers.items()}))
         return output
 
