@@ -190,6 +190,12 @@ def edit_adaptive_layer_cached(text: str) -> str:
     )
     refusal = ADAPTIVE_LAYER_REFUSAL.format(call="refuse_under_adaptive_layers")
     text = _sub_once(re.escape(refusal), ADAPTIVE_LAYER_CHECK, text, what)
+    text = _sub_once(
+        r"^            1\. The base loss cannot be :class:`Cached[^\n]*\n",
+        "            1. A cached (GradCache) loss is supported on its own or inside one :class:`MatryoshkaLoss`.\n",
+        text,
+        what,
+    )
     text, count = re.subn(r"^ +if isinstance\(loss, Cached\w+\):\n +warnings\.warn\([^\n]*\)\n", "", text, flags=re.M)
     if count == 0 or "warnings.warn(" in text:
         raise RecipeError(f"{what}: expected upstream's 'not compatible' warnings and no other warnings.warn")
