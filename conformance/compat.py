@@ -193,6 +193,79 @@ def shared_workspace_bytes(element_size: int) -> int:
     return SHARED.last_workspace_elements * element_size if SHARED is not None else 0
 
 
+#: ``layer_weighting`` of AdaptiveLayerLoss / Matryoshka2dLoss exists from 5.7.0 (PR #3901, default "uniform");
+#: before, every release weights prior layer i by 1 / (1 + i), which the option calls "linear".
+ADAPTIVE_HAS_LAYER_WEIGHTING = _accepts(loss_class("AdaptiveLayerLoss"), "layer_weighting")
+ADAPTIVE_KEYWORDS = ("n_layers_per_step", "last_layer_weight", "prior_layers_weight", "kl_div_weight", "kl_temperature")
+
+
+def _adaptive_layer_caches() -> bool:
+    """Whether AdaptiveLayerLoss trains a GradCache loss (the backport's ``_adaptive_layer_cache`` module)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.util.find_spec("sentence_transformers.losses._adaptive_layer_cache") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+#: AdaptiveLayerLoss / Matryoshka2dLoss around a GradCache loss is supported (else: refused or broken).
+ADAPTIVE_LAYER_CACHES = _adaptive_layer_caches()
+
+
+def adaptive_semantics(**overrides: Any) -> dict[str, Any]:
+    """The layer oracle's parameters that encode this release's AdaptiveLayerLoss semantics.
+
+    - before 5.2.0 the prior layers are the outputs of transformer layers 1 .. L-1 (index i is hidden
+      state i + 1); from 5.2.0 (PR #3560, which counts ``all_layer_embeddings`` whole) they are the
+      embedding output and layers 1 .. L-1 (index i is hidden state i): ``first_prior``;
+    - before 5.7.0 the KL target (the final layer's softmax) is not detached, so the KL term also
+      trains the final layer (upstream #3757, detached by PR #3880 in 5.7.0): ``teacher_grad``.
+      The suite follows the release here and checks the detachment on its own
+      (``test_kl_teacher_receives_no_gradient``);
+    - the default layer weighting: 1 / (1 + i) before 5.7.0, "uniform" from 5.7.0 (PR #3901).
+    """
+    sem: dict[str, Any] = {
+        "first_prior": 0 if ST_VERSION >= Version("5.2.0") else 1,
+        "teacher_grad": ST_VERSION < Version("5.7.0"),
+        "layer_weighting": "uniform" if ADAPTIVE_HAS_LAYER_WEIGHTING else "linear",
+    }
+    sem.update(overrides)
+    return sem
+
+
+def adaptive_layer_loss(model, inner, layer_weighting: str | None = None, **layer_kwargs):
+    """``AdaptiveLayerLoss(model, inner, ...)``; ``layer_weighting`` only where the release has it."""
+    kwargs = _layer_kwargs(layer_weighting, layer_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return loss_class("AdaptiveLayerLoss")(model, inner, **kwargs)
+
+
+def matryoshka_2d_loss(
+    model, inner, dims, weights=None, n_dims_per_step: int = 1, layer_weighting=None, **layer_kwargs
+):
+    """``Matryoshka2dLoss(model, inner, dims, weights, n_dims_per_step=..., <AdaptiveLayerLoss keywords>)``."""
+    kwargs = _layer_kwargs(layer_weighting, layer_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return loss_class("Matryoshka2dLoss")(
+            model, inner, list(dims), weights, n_dims_per_step=n_dims_per_step, **kwargs
+        )
+
+
+def _layer_kwargs(layer_weighting: str | None, layer_kwargs: dict) -> dict:
+    unknown = set(layer_kwargs) - set(ADAPTIVE_KEYWORDS)
+    if unknown:
+        raise TypeError(f"not an AdaptiveLayerLoss keyword: {sorted(unknown)}")
+    kwargs = dict(layer_kwargs)
+    if layer_weighting is not None:
+        if not ADAPTIVE_HAS_LAYER_WEIGHTING:
+            raise LookupError(f"AdaptiveLayerLoss of {ST_RELEASE} has no layer_weighting")
+        kwargs["layer_weighting"] = layer_weighting
+    return kwargs
+
+
 def similarity_fn(name: str):
     util = importlib.import_module("sentence_transformers.util")
     return {"cos": util.cos_sim, "dot": util.dot_score}[name]

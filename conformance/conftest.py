@@ -26,6 +26,7 @@ from conformance import data, env, recording, registry
 
 WIDTH = 32  # model embedding width = the Matryoshka full width
 GUIDE_WIDTH = 48  # the guide is wider, so truncating it by mistake changes the result
+DEEP_LAYERS = 4  # AdaptiveLayerLoss: 3-4 prior layers, so n_layers_per_step really samples
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
@@ -44,6 +45,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
         "model": tiny.write_tiny_bert(root / "model", hidden=WIDTH, seed=0),
         "dropout": tiny.write_tiny_bert(root / "dropout", hidden=WIDTH, seed=0, dropout=0.1),
         "guide": tiny.write_tiny_bert(root / "guide", hidden=GUIDE_WIDTH, seed=1),
+        "deep": tiny.write_tiny_bert(root / "deep", hidden=WIDTH, seed=2, layers=DEEP_LAYERS),
     }
 
 
@@ -70,6 +72,13 @@ def master_dropout_model(model_dirs):
     from conformance import tiny
 
     return tiny.load_sentence_transformer(model_dirs["dropout"], WIDTH)
+
+
+@pytest.fixture(scope="session")
+def master_deep_model(model_dirs):
+    from conformance import tiny
+
+    return tiny.load_sentence_transformer(model_dirs["deep"], WIDTH)
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +114,12 @@ def model(master_model):
 @pytest.fixture
 def guide(master_guide):
     return copy.deepcopy(master_guide).eval()
+
+
+@pytest.fixture
+def deep_model(master_deep_model):
+    """A fresh float64 copy of the 4-layer model in training mode (dropout 0)."""
+    return copy.deepcopy(master_deep_model).train()
 
 
 @pytest.fixture

@@ -50,8 +50,13 @@ class MatryoshkaSpec:
     sorts_dims: bool = True  # ST >= 3.0.1 sorts descending before sampling
     seed: int | None = None  # the seed given to `random.seed` right before the ST call
 
-    def selected(self) -> list[tuple[int, float]]:
-        """(dim, weight) pairs used in one step, replaying upstream's ``random.sample`` on index order."""
+    def selected(self, rng: random.Random | None = None) -> list[tuple[int, float]]:
+        """(dim, weight) pairs used in one step, replaying upstream's ``random.sample`` on index order.
+
+        ``rng``: the random stream to draw from when the sample is one of several draws of a step
+        (AdaptiveLayerLoss samples layers and every layer's widths from the same stream); by default a
+        fresh ``random.Random(seed)``.
+        """
         weights = list(self.weights) if self.weights is not None else [1.0] * len(self.dims)
         if len(weights) != len(self.dims):
             raise ValueError("matryoshka weights and dims differ in length")
@@ -60,7 +65,7 @@ class MatryoshkaSpec:
             pairs.sort(key=lambda p: p[0], reverse=True)
         indices: Sequence[int] = range(len(pairs))
         if 0 < self.n_dims_per_step < len(pairs):
-            rng = random.Random(self.seed)
+            rng = random.Random(self.seed) if rng is None else rng
             indices = rng.sample(indices, self.n_dims_per_step)
         return [pairs[i] for i in indices]
 

@@ -1,4 +1,4 @@
-"""AdaptiveLayerLoss / Matryoshka2dLoss around a GradCache loss must refuse clearly, not train wrong.
+"""AdaptiveLayerLoss / Matryoshka2dLoss around a GradCache loss must refuse clearly where unsupported.
 
 Why: a GradCache loss re-embeds its mini-batches in a backward hook, after AdaptiveLayerLoss has
 removed the decorators that select a layer's embeddings, so every layer's gradient lands on the final
@@ -6,7 +6,9 @@ layer's embeddings (the loss value stays exact, only gradients show it) or, on l
 first forward crashes. Upstream documents the combination as unsupported. Until it is made right,
 the only acceptable behaviour is a ValueError at construction or in the first step that names the
 combination, says it is not supported with a gradient cache yet, and what to use instead. The loss
-without a gradient cache must still be accepted. AdaptiveLayerLoss exists from 2.5.0.
+without a gradient cache must still be accepted. AdaptiveLayerLoss exists from 2.5.0. Where the
+backport trains the combination (``compat.ADAPTIVE_LAYER_CACHES``), test_adaptive_reference.py checks
+it against the oracle and only the chains it does not handle must be refused.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def _run(wrapper: str, model, inner, features) -> None:
 @pytest.mark.parametrize("inner_kind", INNERS)
 @pytest.mark.parametrize("wrapper", WRAPPERS)
 def test_adaptive_layers_refuse_gradient_cache(wrapper, inner_kind, model, guide, feats):
+    if compat.ADAPTIVE_LAYER_CACHES:
+        pytest.skip("supported here: test_adaptive_reference.py::test_2d_cached_vs_reference checks it")
     features = feats(3)
     inner = _inner(inner_kind, True, model, guide)
     name = type(inner).__name__
@@ -70,6 +74,39 @@ def test_adaptive_layers_refuse_gradient_cache(wrapper, inner_kind, model, guide
         "every layer's gradient lands on the final layer's embeddings",
         pytrace=False,
     )
+
+
+def _nested_matryoshka(model, guide):
+    inner = cases.base_case("mnrl").inner_loss(model, guide)
+    return compat.matryoshka_loss(model, compat.matryoshka_loss(model, inner, DIMS), DIMS)
+
+
+def _other_model(model, guide):
+    import copy
+
+    return cases.base_case("mnrl").inner_loss(copy.deepcopy(model), guide)
+
+
+@pytest.mark.skipif(not compat.ADAPTIVE_LAYER_CACHES, reason="every GradCache chain is refused here")
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        pytest.param(_nested_matryoshka, ("not supported", "MatryoshkaLoss inside MatryoshkaLoss"), id="nested"),
+        pytest.param(_other_model, ("another model", "same model"), id="other-model"),
+    ],
+)
+def test_adaptive_layers_refuse_unsupported_gradient_cache_chain(make, words, model, guide, feats):
+    """Where AdaptiveLayerLoss trains a GradCache loss (alone or inside one MatryoshkaLoss), any other chain
+    that holds one - or a GradCache loss that embeds with another model - is still refused clearly."""
+    try:
+        _run("AdaptiveLayerLoss", model, make(model, guide), feats(3))
+    except ValueError as exc:
+        for word in words:
+            assert word in str(exc), f"the ValueError does not say {word!r}: {exc}"
+        return
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"{_describe(exc)} instead of a clear ValueError", pytrace=False)
+    pytest.fail("trained without an error: the chain's layers cannot all be trained", pytrace=False)
 
 
 @pytest.mark.parametrize("inner_kind", [pytest.param(k, id=cases.NONCACHED_NAME[k]) for k in cases.INNER_KINDS])

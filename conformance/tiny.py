@@ -2,7 +2,8 @@
 
 Why its own module: the model must be identical on every release, so it is built from a fixed seed
 and a fixed vocabulary with plain ``transformers`` calls, saved, and loaded back through ST's
-``models.Transformer``. Width 32 (the Matryoshka full width), 2 layers, 2 heads, intermediate 37.
+``models.Transformer``. Width 32 (the Matryoshka full width), 2 layers (4 for the AdaptiveLayerLoss checks, which
+sample among the prior layers), 2 heads, intermediate 37.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from conformance.data import VOCAB
 MAX_LEN = 64
 
 
-def write_tiny_bert(directory: Path, *, hidden: int = 32, seed: int = 0, dropout: float = 0.0) -> Path:
+def write_tiny_bert(directory: Path, *, hidden: int = 32, seed: int = 0, dropout: float = 0.0, layers: int = 2) -> Path:
     """Save a randomly initialised tiny BERT and its tokenizer under ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab_file = directory / "vocab.txt"
@@ -32,7 +33,7 @@ def write_tiny_bert(directory: Path, *, hidden: int = 32, seed: int = 0, dropout
     config = transformers.BertConfig(
         vocab_size=len(VOCAB),
         hidden_size=hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=37,
         max_position_embeddings=MAX_LEN,

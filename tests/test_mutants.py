@@ -1,9 +1,9 @@
 """The conformance suite tests itself: deliberately broken variants of the patched code must be caught.
 
 Each mutant is one plausible bug in a module of the backport series (the truncate-after-cache module,
-the shared multi-width loss stage, the per-width logging). The suite runs on ST 3.3.1 with the series
-applied to an unpacked wheel (first on PYTHONPATH), once with the modules as shipped - everything
-passes - and once per mutant, which must fail the checks named here.
+the shared multi-width loss stage, the per-width logging, the AdaptiveLayerLoss layer cache). The suite
+runs on ST 3.3.1 with the series applied to an unpacked wheel (first on PYTHONPATH), once with the
+modules as shipped - everything passes - and once per mutant, which must fail the checks named here.
 ``NATIVE_MUTANTS`` do the same for code that only a fix series adds (native MatryoshkaLoss of 6.2.0),
 running the conformance files that exercise it.
 """
@@ -88,17 +88,17 @@ MUTANTS = {
         "    pass",
         "test_protocol_loss_without_loss_stage_raises_clear_error",
     ),
-    "adaptive-layer-accepts-gradcache": (
+    "adaptive-layer-accepts-gradcache": (  # a chain the layer cache does not handle must still be refused
         CACHE,
         "    cached = [index for index, module in enumerate(chain) if is_gradcache_loss(module)]",
         "    cached = []",
-        "test_adaptive_layers_refuse_gradient_cache",
+        "test_adaptive_layers_refuse_unsupported_gradient_cache_chain",
     ),
-    "adaptive-layer-checks-its-own-loss-only": (  # Matryoshka2dLoss hands it MatryoshkaLoss(cached)
+    "adaptive-layer-checks-its-own-loss-only": (  # AdaptiveLayerLoss(MatryoshkaLoss(MatryoshkaLoss(cached)))
         CACHE,
         '        module = getattr(module, "loss", None)',
         "        module = None",
-        "test_adaptive_layers_refuse_gradient_cache",
+        "test_adaptive_layers_refuse_unsupported_gradient_cache_chain",
     ),
     "shared-path-never-taken": (
         CACHE,
@@ -219,6 +219,47 @@ NATIVE_MUTANTS = {
     ),
 }
 
+#: Mutants of the AdaptiveLayerLoss layer cache (same form as MUTANTS).
+LAYER_MODULE = "sentence_transformers/losses/_adaptive_layer_cache.py"
+LAYER_MUTANTS = {
+    "layer-gradient-dropped": (  # a prior layer's loss term pushes no gradient into that layer
+        "        _add(grads, index, grad)",
+        "        pass",
+        "test_2d_cached_vs_reference",
+    ),
+    "kl-term-without-gradient": (  # the KL value is added, its gradient never computed
+        "                layers[FINAL], layers[index], owner.kl_temperature, owner.kl_div_weight, caching",
+        "                layers[FINAL], layers[index], owner.kl_temperature, owner.kl_div_weight, False",
+        "test_2d_cached_vs_reference",
+    ),
+    "layers-sampled-unlike-upstream": (  # the first n layers instead of random.sample's
+        "indices = random.sample(indices, owner.n_layers_per_step)",
+        "indices = list(indices)[: owner.n_layers_per_step]",
+        "test_2d_cached_vs_reference",
+    ),
+    "second-pass-without-rng-replay": (  # dropout masks of the with-grad pass differ from the cached ones
+        "            with _replayed(call.rng):",
+        "            if True:",
+        "test_2d_cached_dropout_same_seed",
+    ),
+    "second-pass-ignores-incoming-gradient": (  # (2.5 * loss).backward() trains like loss.backward()
+        "            (surrogate * grad_output).backward()",
+        "            surrogate.backward()",
+        "test_2d_cached_no_grad_and_scaled_backward",
+    ),
+    "layer-hidden-state-off-by-one": (
+        "FIRST_PRIOR = 1",
+        "FIRST_PRIOR = 0",
+        "test_2d_cached_vs_reference",
+    ),
+    "wrong-model-accepted": (
+        '    if getattr(inner, "model", None) is not getattr(owner, "model", None):',
+        "    if False:",
+        "test_adaptive_layers_refuse_unsupported_gradient_cache_chain",
+    ),
+}
+ALL_MUTANTS = {**MUTANTS, **{k: (LAYER_MODULE, *v) for k, v in LAYER_MUTANTS.items()}}
+
 
 @pytest.fixture(scope="module")
 def patched_wheel(tmp_path_factory):
@@ -255,9 +296,9 @@ def test_the_series_as_shipped_passes(patched_wheel, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+@pytest.mark.parametrize("mutant", sorted(ALL_MUTANTS))
 def test_the_suite_catches_the_mutant(mutant, patched_wheel, tmp_path):
-    path, original, broken, must_fail = MUTANTS[mutant]
+    path, original, broken, must_fail = ALL_MUTANTS[mutant]
     failing = _run_mutant(
         original, broken, mutant, patched_wheel / path, lambda: _conformance(patched_wheel, tmp_path / "out.json")
     )

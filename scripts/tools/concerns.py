@@ -21,6 +21,7 @@ from .recipes import (
     SYMMETRIC,
     Concern,
     edit_adaptive_layer,
+    edit_adaptive_layer_cached,
     edit_matryoshka,
     edit_matryoshka2d_relative_imports,
     edit_matryoshka_check_dims,
@@ -83,6 +84,12 @@ BACKPORT: tuple[Concern, ...] = (
         releases=">=3.0.0,<3.1.0",  # 2.x imports in another order; 3.1.0 has the fix (#2907)
     ),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
+    Concern(
+        "adaptive-layer-truncate-after-cache",
+        {ADAPTIVE_LAYER: edit_adaptive_layer_cached},
+        (f"{LOSSES}/_adaptive_layer_cache.py",),
+        releases=">=2.5.0",  # AdaptiveLayerLoss exists from 2.5.0
+    ),
     Concern(
         "matryoshka-log-per-dim",
         {MATRYOSHKA: log.edit_matryoshka_log, log.CACHE_MODULE: log.edit_cache_stage_log},

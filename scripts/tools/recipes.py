@@ -160,6 +160,53 @@ def edit_adaptive_layer(text: str) -> str:
     return append_to_adaptive_layer_init(text, "refuse_under_adaptive_layers", what)
 
 
+ADAPTIVE_LAYER_CHECK = """\
+        # A cached (GradCache) loss, alone or inside MatryoshkaLoss, is trained with every layer in its cache
+        # (see _adaptive_layer_cache.py); any other chain that holds one is refused with a clear error.
+        check_adaptive_layer_loss(self, loss)
+"""
+
+ADAPTIVE_LAYER_DISPATCH = """\
+        if uses_layer_cache(self):
+            # Cached losses re-embed in a backward hook, after the decorators below are gone: keep every
+            # layer in the cache and push each layer's gradients in one second forward pass instead.
+            return adaptive_layer_cached_forward(self, sentence_features, labels)
+"""
+
+
+def edit_adaptive_layer_cached(text: str) -> str:
+    """AdaptiveLayerLoss (and Matryoshka2dLoss): train a GradCache loss with the layers in its cache instead of
+    refusing it; drop upstream's "not compatible" warnings, which flag exactly that combination."""
+    what = ADAPTIVE_LAYER
+    text = _sub_once(
+        r"^from sentence_transformers\.losses\._matryoshka_cache import refuse_under_adaptive_layers\n",
+        "from sentence_transformers.losses._adaptive_layer_cache import (\n"
+        "    adaptive_layer_cached_forward,\n"
+        "    check_adaptive_layer_loss,\n"
+        "    uses_layer_cache,\n"
+        ")\n",
+        text,
+        what,
+    )
+    refusal = ADAPTIVE_LAYER_REFUSAL.format(call="refuse_under_adaptive_layers")
+    text = _sub_once(re.escape(refusal), ADAPTIVE_LAYER_CHECK, text, what)
+    text = _sub_once(
+        r"^            1\. The base loss cannot be :class:`Cached[^\n]*\n",
+        "            1. A cached (GradCache) loss is supported on its own or inside one :class:`MatryoshkaLoss`.\n",
+        text,
+        what,
+    )
+    text, count = re.subn(r"^ +if isinstance\(loss, Cached\w+\):\n +warnings\.warn\([^\n]*\)\n", "", text, flags=re.M)
+    if count == 0 or "warnings.warn(" in text:
+        raise RecipeError(f"{what}: expected upstream's 'not compatible' warnings and no other warnings.warn")
+    return _sub_once(
+        r"^    def forward\(self, sentence_features: [^\n]*\) -> Tensor:\n",
+        lambda match: match.group(0) + ADAPTIVE_LAYER_DISPATCH,
+        text,
+        what,
+    )
+
+
 def edit_symmetric(text: str) -> str:
     """CachedMultipleNegativesSymmetricRankingLoss: the MNSRL formula across mini-batches."""
     return _sub_once(
