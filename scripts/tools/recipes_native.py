@@ -446,19 +446,8 @@ DRIVE_NEW_DOC = """\
     instead of crashing in backward or training the full dimension only.
 """
 
-DRIVE_OLD_SHADOW = """\
-            shadowed = vars(self.loss).get("calculate_loss")
-            self.loss.calculate_loss = CachedLossDecorator(
-                self.loss.calculate_loss, self.matryoshka_dims, self.matryoshka_weights, self.n_dims_per_step
-            )
-            try:
-                return self.loss(sentence_features, labels)
-            finally:
-                if shadowed is None:
-                    del self.loss.calculate_loss
-                else:
-                    self.loss.calculate_loss = shadowed
-"""
+# what PER_CALL_FORWARD wrote, from its shadowing on (the text this recipe replaces)
+DRIVE_OLD_SHADOW = PER_CALL_FORWARD[PER_CALL_FORWARD.index("            shadowed = ") :]
 
 DRIVE_NEW_SHADOW = """\
             name, decorated = _decorated_loss_stage(self)
