@@ -220,14 +220,16 @@ def adaptive_semantics(**overrides: Any) -> dict[str, Any]:
       state i + 1); from 5.2.0 (PR #3560, which counts ``all_layer_embeddings`` whole) they are the
       embedding output and layers 1 .. L-1 (index i is hidden state i): ``first_prior``;
     - before 5.7.0 the KL target (the final layer's softmax) is not detached, so the KL term also
-      trains the final layer (upstream #3757, detached by PR #3880 in 5.7.0): ``teacher_grad``.
+      trains the final layer (upstream #3757, detached by PR #3880 in 5.7.0): ``teacher_grad``, unless
+      this project's series is applied (``env.STATE == "patched"``): every series of 2.5.0 - 5.6.1 carries
+      the backport (adaptive-layer-detach-kl-target), so the registry lists the defect for "native" only.
       The suite follows the release here and checks the detachment on its own
       (``test_kl_teacher_receives_no_gradient``);
     - the default layer weighting: 1 / (1 + i) before 5.7.0, "uniform" from 5.7.0 (PR #3901).
     """
     sem: dict[str, Any] = {
         "first_prior": 0 if ST_VERSION >= Version("5.2.0") else 1,
-        "teacher_grad": ST_VERSION < Version("5.7.0"),
+        "teacher_grad": ST_VERSION < Version("5.7.0") and env.STATE != "patched",
         "layer_weighting": "uniform" if ADAPTIVE_HAS_LAYER_WEIGHTING else "linear",
     }
     sem.update(overrides)

@@ -21,6 +21,7 @@ CACHE = "sentence_transformers/losses/_matryoshka_cache.py"
 SHARED = "sentence_transformers/losses/_matryoshka_shared.py"
 LOG_MODULE = "sentence_transformers/losses/_matryoshka_log.py"
 MATRYOSHKA = "sentence_transformers/losses/MatryoshkaLoss.py"
+ADAPTIVE_LAYER = "sentence_transformers/losses/AdaptiveLayerLoss.py"
 
 # name -> (module, text in the module, its broken replacement, a check function that must fail).
 # The built-in cached losses take the shared multi-width loss stage (SHARED); the generic per-width path
@@ -166,6 +167,12 @@ MUTANTS = {
         "    if not isinstance(log_per_dim, bool):",
         "    if False:",
         "test_bad_switch_raises_clear_error",
+    ),
+    "kl-teacher-not-detached": (  # adaptive-layer-detach-kl-target undone: the KL term trains the final layer
+        ADAPTIVE_LAYER,
+        "final_embeddings = F.softmax(final_embeddings / self.kl_temperature, dim=-1).detach()",
+        "final_embeddings = F.softmax(final_embeddings / self.kl_temperature, dim=-1)",
+        "test_kl_teacher_receives_no_gradient",
     ),
 }
 

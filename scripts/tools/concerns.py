@@ -22,6 +22,7 @@ from .recipes import (
     Concern,
     edit_adaptive_layer,
     edit_adaptive_layer_cached,
+    edit_adaptive_layer_detach_kl_target,
     edit_matryoshka,
     edit_matryoshka2d_relative_imports,
     edit_matryoshka_check_dims,
@@ -84,6 +85,11 @@ BACKPORT: tuple[Concern, ...] = (
         releases=">=3.0.0,<3.1.0",  # 2.x imports in another order; 3.1.0 has the fix (#2907)
     ),
     Concern("tests-matryoshka-cached-losses", {}, ("tests/test_matryoshka_cached_losses.py",)),
+    Concern(  # before the layer cache, whose KL term follows the detached target
+        "adaptive-layer-detach-kl-target",
+        {ADAPTIVE_LAYER: edit_adaptive_layer_detach_kl_target},
+        releases=">=2.5.0,<3.4.0",  # AdaptiveLayerLoss exists from 2.5.0
+    ),
     Concern(
         "adaptive-layer-truncate-after-cache",
         {ADAPTIVE_LAYER: edit_adaptive_layer_cached},
@@ -100,6 +106,16 @@ BACKPORT: tuple[Concern, ...] = (
 NATIVE_FIXES: tuple[Concern, ...] = (
     Concern("matryoshka-sorted-sample", {native.MATRYOSHKA_OLD: edit_matryoshka_sorted_sample}, releases="<4.0.0"),
     *native.NATIVE_FIXES,
+    Concern(
+        "adaptive-layer-detach-kl-target",
+        {native.ADAPTIVE_LAYER_OLD: edit_adaptive_layer_detach_kl_target},
+        releases="<5.4.0",
+    ),
+    Concern(
+        "adaptive-layer-detach-kl-target",
+        {native.ADAPTIVE_LAYER_NEW: edit_adaptive_layer_detach_kl_target},
+        releases=">=5.4.0,<5.7.0",  # 5.7.0 detaches it (#3880)
+    ),
     Concern(
         "matryoshka-validate-dims-and-weights",
         {native.MATRYOSHKA_OLD: edit_matryoshka_validate_arguments},

@@ -207,6 +207,20 @@ def edit_adaptive_layer_cached(text: str) -> str:
     )
 
 
+def edit_adaptive_layer_detach_kl_target(text: str) -> str:
+    """AdaptiveLayerLoss: detach the KL term's target (the final layer's softmax), as upstream does from 5.7.0
+    (PR #3880, issue #3757), so the self-distillation term trains the prior layers only, not the teacher."""
+    return _sub_once(
+        r"^( +)final_embeddings = F\.softmax\(final_embeddings / self\.kl_temperature, dim=-1\)\n",
+        lambda m: (
+            f"{m.group(1)}# The final layer is the self-distillation teacher, so keep it out of the KL gradient"
+            f" (#3757)\n{m.group(0)[:-1]}.detach()\n"
+        ),
+        text,
+        ADAPTIVE_LAYER,
+    )
+
+
 def edit_symmetric(text: str) -> str:
     """CachedMultipleNegativesSymmetricRankingLoss: the MNSRL formula across mini-batches."""
     return _sub_once(

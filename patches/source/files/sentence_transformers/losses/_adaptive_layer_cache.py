@@ -22,8 +22,8 @@ Here the GradCache loss is driven with the layers in the cache instead:
 The loss's own backward hook never runs (its returned tensor is not part of the graph), so the
 expensive second forward pass runs once. Semantics of these releases: prior layer ``i`` is the output
 of transformer layer ``i + 1`` (the last layer is the final one), weighted ``1 / (1 + i)``; the KL
-target (the final layer's softmax) is not detached, as in the non-cached loss (upstream #3757, changed
-in 5.7.0).
+target (the final layer's softmax) is detached, as in the non-cached loss of this series (upstream #3757,
+detached in 5.7.0 by PR #3880, backported by the series), so the KL term trains the prior layer only.
 """
 
 from __future__ import annotations
@@ -220,20 +220,18 @@ def _term(
 
 def _kl_term(
     final: List[List[Tensor]], layer: List[List[Tensor]], temperature: float, weight: float, caching: bool
-) -> Tuple[Tensor, Optional[List[List[Tensor]]], Optional[List[List[Tensor]]]]:
-    """Upstream's KL term (target: the final layer's softmax, not detached in these releases) and its gradients
-    wrt the final and the layer's embeddings."""
-    leaves_f = [[e.detach().requires_grad_(caching) for e in es] for es in final]
-    leaves_l = [[e.detach().requires_grad_(caching) for e in es] for es in layer]
+) -> Tuple[Tensor, Optional[List[List[Tensor]]]]:
+    """Upstream's KL term and its gradient wrt the layer's embeddings. The target (the final layer's softmax)
+    is the self-distillation teacher and gets no gradient (detached, upstream #3757 / PR #3880)."""
+    target = F.softmax(torch.cat([torch.cat(es) for es in final]).detach() / temperature, dim=-1)
+    leaves = [[e.detach().requires_grad_(caching) for e in es] for es in layer]
     with torch.enable_grad() if caching else torch.no_grad():
-        target = F.softmax(torch.cat([torch.cat(es) for es in leaves_f]) / temperature, dim=-1)
-        student = F.log_softmax(torch.cat([torch.cat(es) for es in leaves_l]) / temperature, dim=-1)
+        student = F.log_softmax(torch.cat([torch.cat(es) for es in leaves]) / temperature, dim=-1)
         kl = F.kl_div(student, target, reduction="batchmean") * temperature * weight
         if not caching:
-            return kl, None, None
+            return kl, None
         kl.backward()
-    grads = [[[e.grad for e in es] for es in leaves] for leaves in (leaves_f, leaves_l)]
-    return kl.detach(), grads[0], grads[1]
+    return kl.detach(), [[e.grad for e in es] for es in leaves]
 
 
 def _add(grads: Grads, key: int, new: Optional[List[List[Tensor]]]) -> None:
@@ -270,11 +268,10 @@ def loss_stage_2d(
         total = total + value
         _add(grads, index, grad)
         if owner.kl_temperature > 0:
-            kl, grad_final, grad_layer = _kl_term(
+            kl, grad_layer = _kl_term(
                 layers[FINAL], layers[index], owner.kl_temperature, owner.kl_div_weight, caching
             )
             total = total + kl
-            _add(grads, FINAL, grad_final)
             _add(grads, index, grad_layer)
     return total, grads if caching else None
 
