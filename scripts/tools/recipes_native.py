@@ -406,18 +406,18 @@ def _decorated_loss_stage(matryoshka_loss: nn.Module) -> tuple[str, Any]:
 
 '''
 
-DRIVE_OLD_CHECK = """\
-    calculate_loss = getattr(loss, "calculate_loss", None)
-    if not callable(calculate_loss) or "with_backward" not in inspect.signature(calculate_loss).parameters:
-        name = type(loss).__name__
-        raise ValueError(
-            f"MatryoshkaLoss cannot drive {name}: it is a gradient-cache (GradCache) loss, but it has no "
-            "calculate_loss(reps, ..., with_backward=...) method, the loss stage in which MatryoshkaLoss "
-            f"truncates the cached embeddings. Give {name} one that back-propagates into reps when "
-            "with_backward=True and call it from its forward (or its calculate_loss_and_cache_gradients), "
-            "or use a loss without a gradient cache."
-        )
-"""
+
+def _slice(text: str, start: str, end: str | None) -> str:
+    """``text`` from ``start`` to the first ``end`` after it (inclusive; None: to the end): the part of an
+    earlier recipe's output that a later recipe replaces, taken from that recipe's own text."""
+    begin = text.index(start)
+    return text[begin:] if end is None else text[begin : text.index(end, begin) + len(end)]
+
+
+# the text DETECT_GRADIENT_CACHE wrote (slices of it, so the two cannot drift apart)
+DRIVE_OLD_CHECK = _slice(
+    DETECT_GRADIENT_CACHE, '    calculate_loss = getattr(loss, "calculate_loss", None)\n', "        )\n"
+)
 
 DRIVE_NEW_CHECK = """\
     calculate_loss = getattr(loss, "calculate_loss", None)
@@ -433,11 +433,9 @@ DRIVE_NEW_CHECK = """\
         )
 """
 
-DRIVE_OLD_DOC = """\
-    ``calculate_loss_and_cache_gradients`` (e.g. a user's own GradCache loss). MatryoshkaLoss truncates
-    in its ``calculate_loss(reps, ..., with_backward=...)``: a gradient-cache loss without one raises a
-    clear ValueError instead of crashing in backward or training the full dimension only.
-"""
+DRIVE_OLD_DOC = _slice(
+    DETECT_GRADIENT_CACHE, "    ``calculate_loss_and_cache_gradients`` (e.g.", "full dimension only.\n"
+)
 
 DRIVE_NEW_DOC = """\
     ``calculate_loss_and_cache_gradients`` (e.g. a user's own GradCache loss). MatryoshkaLoss truncates
@@ -446,8 +444,7 @@ DRIVE_NEW_DOC = """\
     instead of crashing in backward or training the full dimension only.
 """
 
-# what PER_CALL_FORWARD wrote, from its shadowing on (the text this recipe replaces)
-DRIVE_OLD_SHADOW = PER_CALL_FORWARD[PER_CALL_FORWARD.index("            shadowed = ") :]
+DRIVE_OLD_SHADOW = _slice(PER_CALL_FORWARD, "            shadowed = ", None)
 
 DRIVE_NEW_SHADOW = """\
             name, decorated = _decorated_loss_stage(self)
