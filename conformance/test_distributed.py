@@ -329,7 +329,14 @@ def test_trainer_two_ranks(master_model, model_dirs, tmp_path):
                 p -= train_rank.LR * grads[name]
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
     for rank, result in enumerate(results):
-        assert_close_recorded(result["weights"], expected, what=f"rank {rank}: weights after distributed training")
+        # a cached loss: the project's one tolerance exception for unpatched 5.7.0-6.1.x applies (float32
+        # GradCache surrogate, registry gradcache-fp32-surrogate); float64 tolerance everywhere else
+        assert_close_recorded(
+            result["weights"],
+            expected,
+            what=f"rank {rank}: weights after distributed training",
+            **compat.CACHED_GRAD_TOL,
+        )
 
 
 def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
