@@ -200,11 +200,15 @@ ADAPTIVE_KEYWORDS = ("n_layers_per_step", "last_layer_weight", "prior_layers_wei
 
 
 def _adaptive_layer_caches() -> bool:
-    """Whether AdaptiveLayerLoss trains a GradCache loss (the backport's ``_adaptive_layer_cache`` module)."""
+    """Whether AdaptiveLayerLoss trains a GradCache loss (the series' ``_adaptive_layer_cache`` module, in the
+    release's losses package)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return importlib.util.find_spec("sentence_transformers.losses._adaptive_layer_cache") is not None
+            return any(
+                importlib.util.find_spec(f"sentence_transformers.{package}._adaptive_layer_cache") is not None
+                for package in ("losses", "sentence_transformer.losses")
+            )
     except (ImportError, ValueError):
         return False
 

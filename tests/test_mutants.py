@@ -4,8 +4,8 @@ Each mutant is one plausible bug in a module of the backport series (the truncat
 the shared multi-width loss stage, the per-width logging, the AdaptiveLayerLoss layer cache). The suite
 runs on ST 3.3.1 with the series applied to an unpacked wheel (first on PYTHONPATH), once with the
 modules as shipped - everything passes - and once per mutant, which must fail the checks named here.
-``NATIVE_MUTANTS`` do the same for code that only a fix series adds (native MatryoshkaLoss of 6.2.0),
-running the conformance files that exercise it.
+``NATIVE_MUTANTS`` and ``NATIVE_LAYER_MUTANTS`` do the same for code that a fix series carries (native
+MatryoshkaLoss and the self-contained layer cache of 6.2.0), running the conformance files that exercise it.
 """
 
 from __future__ import annotations
@@ -179,7 +179,12 @@ MUTANTS = {
 
 NATIVE_VERSION = "6.2.0"
 NATIVE_MODULE = "sentence_transformers/sentence_transformer/losses/matryoshka.py"
-NATIVE_PATHS = ("conformance/test_protocol.py",)
+NATIVE_PATHS = (
+    "conformance/test_protocol.py",
+    "conformance/test_adaptive_reference.py",
+    "conformance/test_adaptive_layer.py",
+)
+NATIVE_LAYER_MODULE = "sentence_transformers/sentence_transformer/losses/_adaptive_layer_cache.py"
 
 # native-matryoshka-drive-caching-stage: a user's GradCache loss whose calculate_loss_and_cache_gradients
 # back-propagates by itself (its hook reads self.cache or rep.grad). Same shape as MUTANTS.
@@ -224,6 +229,34 @@ NATIVE_MUTANTS = {
         "    if False:",
         "test_protocol_loss_without_loss_stage_raises_clear_error",
     ),
+}
+
+# adaptive-layer-truncate-after-cache on a native release: the layer cache made self-contained for 6.2.0.
+NATIVE_LAYER_MUTANTS = {
+    "native-layer-weighting-ignored": (  # 1 / (1 + i) instead of the loss's layer_weighting ("uniform")
+        "    return get_layer_weight(index) if callable(get_layer_weight) else 1 / (1 + index)",
+        "    return 1 / (1 + index)",
+        "test_2d_cached_vs_reference",
+    ),
+    "native-prior-layers-of-5.1": (  # hidden states 1 .. L-1 instead of the embedding output and 1 .. L-1
+        "FIRST_PRIOR = 0",
+        "FIRST_PRIOR = 1",
+        "test_2d_cached_vs_reference",
+    ),
+    "native-rep-grad-not-filled": (  # 6.x forward_cached reads its cache from rep.grad
+        "                        r.grad = g",
+        "                        pass",
+        "test_2d_cached_vs_reference",
+    ),
+    "native-loss-and-cache-tuple-dropped": (  # 6.x CachedGISTEmbedLoss's stage returns (loss, cache)
+        "            return loss, grads.get(FINAL) if grads is not None else None",
+        "            return loss",
+        "test_2d_cached_vs_reference",
+    ),
+}
+ALL_NATIVE_MUTANTS = {
+    **{k: (NATIVE_MODULE, *v) for k, v in NATIVE_MUTANTS.items()},
+    **{k: (NATIVE_LAYER_MODULE, *v) for k, v in NATIVE_LAYER_MUTANTS.items()},
 }
 
 #: Mutants of the AdaptiveLayerLoss layer cache (same form as MUTANTS).
@@ -356,11 +389,12 @@ def test_the_native_series_as_shipped_passes(native_patched_wheel, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mutant", sorted(NATIVE_MUTANTS))
+@pytest.mark.parametrize("mutant", sorted(ALL_NATIVE_MUTANTS))
 def test_the_suite_catches_the_native_mutant(mutant, native_patched_wheel, tmp_path):
-    def run():
-        return _conformance(native_patched_wheel, tmp_path / "out.json", NATIVE_VERSION, NATIVE_PATHS)
+    path, original, broken, must_fail = ALL_NATIVE_MUTANTS[mutant]
 
-    original, broken, must_fail = NATIVE_MUTANTS[mutant]
-    failing = _run_mutant(original, broken, mutant, native_patched_wheel / NATIVE_MODULE, run)
+    def run():
+        return _conformance(native_patched_wheel, tmp_path / "out.json", NATIVE_VERSION, (_module_of(must_fail),))
+
+    failing = _run_mutant(original, broken, mutant, native_patched_wheel / path, run)
     assert must_fail in failing, f"mutant {mutant} was not caught by {must_fail}; failing: {sorted(failing)}"

@@ -9,8 +9,10 @@ fix series (releases marked "native") fixes upstream's native support. Recipes l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+from . import recipes_layers as layers
 from . import recipes_log as log
 from . import recipes_native as native
 from .recipes import (
@@ -115,6 +117,26 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         "adaptive-layer-detach-kl-target",
         {native.ADAPTIVE_LAYER_NEW: edit_adaptive_layer_detach_kl_target},
         releases=">=5.4.0,<5.7.0",  # 5.7.0 detaches it (#3880)
+    ),
+    # After the refusal (native.NATIVE_FIXES), which it replaces, and after the detached KL target, which the
+    # layer cache follows. The prior layers start at the embedding output from 5.2.0 (PR #3560).
+    Concern(
+        "adaptive-layer-truncate-after-cache",
+        {native.ADAPTIVE_LAYER_OLD: layers.edit_adaptive_layer_cached_native(layers.MODULE_OLD)},
+        writes={layers.LAYER_MODULE_OLD: partial(layers.native_layer_module, layers.LAYER_MODULE_OLD, 1)},
+        releases="<5.2.0",
+    ),
+    Concern(
+        "adaptive-layer-truncate-after-cache",
+        {native.ADAPTIVE_LAYER_OLD: layers.edit_adaptive_layer_cached_native(layers.MODULE_OLD)},
+        writes={layers.LAYER_MODULE_OLD: partial(layers.native_layer_module, layers.LAYER_MODULE_OLD, 0)},
+        releases=">=5.2.0,<5.4.0",
+    ),
+    Concern(
+        "adaptive-layer-truncate-after-cache",
+        {native.ADAPTIVE_LAYER_NEW: layers.edit_adaptive_layer_cached_native(layers.MODULE_NEW)},
+        writes={layers.LAYER_MODULE_NEW: partial(layers.native_layer_module, layers.LAYER_MODULE_NEW, 0)},
+        releases=">=5.4.0",
     ),
     Concern(
         "matryoshka-validate-dims-and-weights",

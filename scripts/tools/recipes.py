@@ -7,7 +7,7 @@ find exactly the text it edits, so a release that differs is reported instead of
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -463,6 +463,12 @@ class Concern:
     edits: dict[str, Callable[[str], str]]  # existing file -> recipe
     adds: tuple[str, ...] = ()  # files copied from patches/source/files/
     releases: str = ""  # a packaging specifier; empty: every release
+    writes: dict[str, Callable[[], str]] = field(default_factory=dict)  # new file -> its text, made from the source
+
+    @property
+    def added(self) -> tuple[str, ...]:
+        """Every file the concern creates: copied (``adds``) or made (``writes``)."""
+        return (*self.adds, *self.writes)
 
     def in_range(self, version: str) -> bool:
         return Version(version) in SpecifierSet(self.releases)

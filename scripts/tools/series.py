@@ -66,7 +66,7 @@ def read_lf(path: Path) -> str:
 
 def pristine_files(tree: Path, concerns: list[recipes.Concern]) -> dict[str, str]:
     """The LF text of every file the concerns edit that the release has (not one a patch adds)."""
-    added = {p for c in concerns for p in c.adds}
+    added = {p for c in concerns for p in c.added}
     return {p: read_lf(tree / p) for p in sorted({p for c in concerns for p in c.edits} - added)}
 
 
@@ -80,7 +80,7 @@ def concerns_for(release: releases.Release, tree: Path) -> list[recipes.Concern]
     for concern in candidates:
         if concern.applies(tree, release.version, added):
             out.append(concern)
-            added |= frozenset(concern.adds)
+            added |= frozenset(concern.added)
     return out
 
 
@@ -111,6 +111,10 @@ def build_series(
             for path in concern.adds:
                 (repo / path).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(SOURCE / "files" / path, repo / path)
+                files.setdefault(path, {"pristine": None})
+            for path, make in concern.writes.items():
+                (repo / path).parent.mkdir(parents=True, exist_ok=True)
+                (repo / path).write_text(make())
                 files.setdefault(path, {"pristine": None})
             message = (messages / f"{concern.slug}.txt").read_text().rstrip("\n")
             message += f"\n\nSt-Patch-Series: {name}\nSt-Patch-Releases: {', '.join(versions)}\n"

@@ -12,18 +12,20 @@ Here the GradCache loss is driven with the layers in the cache instead:
    modules after the transformer run on each layer's token embeddings), its input and its random state;
 2. loss stage (the loss's own ``calculate_loss_and_cache_gradients`` / ``calculate_loss``, called once
    per term): the final layer, then every sampled prior layer, each through MatryoshkaLoss's widths when
-   it wraps the loss, plus the KL term - values and weights exactly as the non-cached AdaptiveLayerLoss
-   of 2.5.0-3.3.1 defines them, with ``random`` drawn in the same order (the final layer's widths, the
+   it wraps the loss, plus the KL term - values and weights exactly as the release's non-cached
+   AdaptiveLayerLoss defines them, with ``random`` drawn in the same order (the final layer's widths, the
    layers, each layer's widths) - and the gradient of each term with respect to its layer's embeddings;
 3. with-grad pass, once per mini-batch in a backward hook of the returned loss: the random state is
    replayed, every layer the step used is embedded again with gradients and one surrogate
    ``sum_l <layer_l embedding, gradient_l>`` is back-propagated.
 
 The loss's own backward hook never runs (its returned tensor is not part of the graph), so the
-expensive second forward pass runs once. Semantics of these releases: prior layer ``i`` is the output
-of transformer layer ``i + 1`` (the last layer is the final one), weighted ``1 / (1 + i)``; the KL
-target (the final layer's softmax) is detached, as in the non-cached loss of this series (upstream #3757,
-detached in 5.7.0 by PR #3880, backported by the series), so the KL term trains the prior layer only.
+expensive second forward pass runs once. The release's semantics: prior layer ``i`` is hidden state
+``i + FIRST_PRIOR`` (the last hidden state is the final layer); it is weighted by the loss's
+``get_layer_weight(i)`` where the release has one (``layer_weighting``, 5.7.0, PR #3901), else by
+``1 / (1 + i)``; the KL target (the final layer's softmax) is detached, as in the non-cached loss of this
+series (upstream #3757, detached in 5.7.0 by PR #3880, backported by the series), so the KL term trains
+the prior layer only.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ from sentence_transformers.losses._matryoshka_cache import (
     truncate,
 )
 
-#: Prior layer index ``i`` is hidden state ``i + FIRST_PRIOR`` (hidden state 0 is the embedding output).
+#: Prior layer index ``i`` is hidden state ``i + FIRST_PRIOR`` (hidden state 0 is the embedding output):
+#: the transformer layers 1 .. L-1 up to 5.1.x, the embedding output and layers 1 .. L-1 from 5.2.0 (PR #3560).
 FIRST_PRIOR = 1
 #: The key of the final layer among the prior layers' indices.
 FINAL = -1
@@ -59,12 +62,13 @@ Grads = Dict[int, List[List[Tensor]]]
 
 def gradcache_chain(loss: nn.Module) -> Optional[Tuple[Optional[nn.Module], nn.Module]]:
     """(MatryoshkaLoss or None, the GradCache loss) when ``loss`` is a GradCache loss or MatryoshkaLoss around
-    one; None when there is no GradCache loss. Any other chain that holds one is not handled here."""
-    if is_gradcache_loss(loss):
-        return None, loss
+    one; None when there is no GradCache loss. Any other chain that holds one is not handled here.
+    MatryoshkaLoss comes first: from 5.7.0 it reports its inner loss's ``uses_gradient_cache`` itself."""
     inner = getattr(loss, "loss", None)
     if hasattr(loss, "matryoshka_dims") and isinstance(inner, nn.Module) and is_gradcache_loss(inner):
         return loss, inner
+    if is_gradcache_loss(loss):
+        return None, loss
     return None
 
 
@@ -243,6 +247,12 @@ def _add(grads: Grads, key: int, new: Optional[List[List[Tensor]]]) -> None:
     grads[key] = [[a + b for a, b in zip(xs, ys)] for xs, ys in zip(grads[key], new)]
 
 
+def layer_weight(owner: nn.Module, index: int) -> float:
+    """The weight of prior layer ``index``: the loss's own ``get_layer_weight`` (5.7.0+), else ``1 / (1 + index)``."""
+    get_layer_weight = getattr(owner, "get_layer_weight", None)
+    return get_layer_weight(index) if callable(get_layer_weight) else 1 / (1 + index)
+
+
 def loss_stage_2d(
     owner: nn.Module,
     matryoshka: Optional[nn.Module],
@@ -263,7 +273,7 @@ def loss_stage_2d(
         indices = random.sample(indices, owner.n_layers_per_step)
     indices = list(indices)
     for index in indices:
-        scale = owner.prior_layers_weight / (1 + index) / len(indices)
+        scale = owner.prior_layers_weight * layer_weight(owner, index) / len(indices)
         value, grad = _term(stage, caching, layers[index], dims(), scale)
         total = total + value
         _add(grads, index, grad)
@@ -294,15 +304,33 @@ class _Stage2D:
             return method(reps, *args, **kwargs)
         caching = name == "calculate_loss_and_cache_gradients" or bool(_with_backward(method, args, kwargs))
         layers = self.recorder.layer_reps(reps)
+        returns_cache = []
+
+        def call(embs: List[List[Tensor]]) -> Tensor:
+            out = method(embs, *args, **kwargs)
+            if isinstance(out, tuple):  # (loss, cache): CachedGISTEmbedLoss of 6.x
+                returns_cache.append(True)
+                return out[0]
+            return out
+
         self.active = True
         try:
-            self.result = loss_stage_2d(
-                self.owner, self.matryoshka, lambda embs: method(embs, *args, **kwargs), caching, layers
-            )
+            self.result = loss_stage_2d(self.owner, self.matryoshka, call, caching, layers)
         finally:
             self.active = False
+        grads = self.result[1]
+        if grads is not None:
+            # Where a loss reads its cache from rep.grad (5.7 style, which checks that every column got one):
+            # the final layer's gradients, as without layers. Its backward hook never runs all the same.
+            for rs, gs in zip(reps, grads.get(FINAL, ())):
+                for r, g in zip(rs, gs):
+                    if r.requires_grad and r.is_leaf:
+                        r.grad = g
         # A fresh leaf: the loss registers its backward hook on it, which never runs (not in the graph).
-        return self.result[0].detach().requires_grad_()
+        loss = self.result[0].detach().requires_grad_()
+        if returns_cache:
+            return loss, grads.get(FINAL) if grads is not None else None  # type: ignore[return-value]
+        return loss
 
     def replacements(self) -> Dict[str, Callable[..., Tensor]]:
         out = {}
