@@ -68,3 +68,25 @@ def test_a_concern_may_edit_a_file_an_earlier_patch_adds(tmp_path: Path):
     assert concern.applies(tmp_path, "1.2", frozenset({added})) is True
     with pytest.raises(recipes.RecipeError, match="_added.py missing"):
         concern.applies(tmp_path, "1.2")
+
+
+def test_a_made_file_counts_as_added():
+    """A fix series makes its self-contained layer cache (``writes``) where a backport copies one (``adds``):
+    both are files the series creates, so a later concern may edit them and the pristine tree lacks them."""
+    made = "sentence_transformers/sentence_transformer/losses/_made.py"
+    concern = recipes.Concern("x", {}, ("sentence_transformers/losses/_copied.py",), writes={made: lambda: ""})
+    assert concern.added == ("sentence_transformers/losses/_copied.py", made)
+
+
+def test_the_native_layer_cache_is_self_contained():
+    """The native layer cache imports nothing of the series' backport modules and keeps each release's
+    prior-layer semantics (PR #3560): it is made from the backport's sources by ``make series``."""
+    from tools import recipes_layers as layers
+
+    for first_prior in (0, 1):
+        text = layers.native_layer_module(layers.LAYER_MODULE_NEW, first_prior)
+        compile(text, layers.LAYER_MODULE_NEW, "exec")
+        assert "_matryoshka_cache" not in text
+        assert f"\nFIRST_PRIOR = {first_prior}\n" in text
+        for helper in layers.HELPERS:
+            assert text.count(f"def {helper}(") + text.count(f"\n{helper} = ") == 1, helper
