@@ -40,6 +40,7 @@ HELPERS = (
     "truncate",
     "select_dims",
     "_same_on_every_rank",
+    "stage_replacements",
     "_shadowed",
     "refuse_under_adaptive_layers",
 )

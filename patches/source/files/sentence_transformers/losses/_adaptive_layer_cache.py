@@ -48,6 +48,7 @@ from sentence_transformers.losses._matryoshka_cache import (
     is_gradcache_loss,
     refuse_under_adaptive_layers,
     select_dims,
+    stage_replacements,
     truncate,
 )
 
@@ -333,12 +334,7 @@ class _Stage2D:
         return loss
 
     def replacements(self) -> Dict[str, Callable[..., Tensor]]:
-        out = {}
-        for name in self.originals:
-            stage = partial(self.stage, name)
-            stage.__name__ = name  # type: ignore[attr-defined]
-            out[name] = stage
-        return out
+        return stage_replacements(self.stage, self.originals)
 
 
 def _second_pass(model: nn.Module, calls: List[_Call], grads: Grads, grad_output: Tensor) -> None:

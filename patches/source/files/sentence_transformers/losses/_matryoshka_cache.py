@@ -255,12 +255,18 @@ class _Driver:
             self.active = False
 
     def replacements(self) -> dict[str, Callable[..., Tensor]]:
-        out = {}
-        for name in self.originals:
-            stage = partial(self.stage, name)
-            stage.__name__ = name  # type: ignore[attr-defined]
-            out[name] = stage
-        return out
+        return stage_replacements(self.stage, self.originals)
+
+
+def stage_replacements(stage: Callable[..., Tensor], names: Iterable[str]) -> dict[str, Callable[..., Tensor]]:
+    """The shadowing methods of one call: ``stage(name, reps, ...)`` bound to each loss-stage method ``name``,
+    named like it (a loss that inspects its own methods sees the names it expects)."""
+    out = {}
+    for name in names:
+        bound = partial(stage, name)
+        bound.__name__ = name  # type: ignore[attr-defined]
+        out[name] = bound
+    return out
 
 
 @contextmanager
