@@ -24,9 +24,10 @@ import warnings
 import pytest
 import torch
 
-from conformance import compat, oracle
+from conformance import compat, oracle, oracle_layers
 from conformance.harness import call_loss, st_loss_and_grads
 from conformance.oracle import InnerSpec, MatryoshkaSpec
+from conformance.oracle_layers import LayerSpec
 from conformance.recording import assert_close_recorded
 
 MEGABATCH = compat.loss_class("MegaBatchMarginLoss")
@@ -169,3 +170,25 @@ def test_megabatch_full_batch_matryoshka_vs_reference(model, feats):
             use_mini_batched_version=False,
         )
     _check(model, feats(2), _matryoshka(model, inner, mat), MEGABATCH_SPEC, mat, "MatryoshkaLoss(MegaBatchMarginLoss)")
+
+
+@needs_megabatch
+@pytest.mark.skipif(not compat.ADAPTIVE_LAYER_CACHES, reason=f"no layer cache in {compat.ST_RELEASE} ({compat.STATE})")
+@pytest.mark.parametrize("wrapper", ["AdaptiveLayerLoss", "Matryoshka2dLoss"])
+def test_megabatch_2d_vs_reference(wrapper, deep_model, feats):
+    """The mini-batched MegaBatchMarginLoss inside AdaptiveLayerLoss / Matryoshka2dLoss (the layer cache drives
+    its ``calculate_loss(reps, ..., with_backward=True)``): value and every gradient as the layer oracle's."""
+    lay = LayerSpec(n_layers_per_step=2, **compat.adaptive_semantics(), seed=11)
+    features = feats(2)
+    if wrapper == "Matryoshka2dLoss":
+        mat = MatryoshkaSpec(dims=(32, 16, 8), n_dims_per_step=1)
+        loss_fn = compat.matryoshka_2d_loss(deep_model, _megabatch(deep_model), mat.dims, None, 1, n_layers_per_step=2)
+    else:
+        mat = None
+        loss_fn = compat.adaptive_layer_loss(deep_model, _megabatch(deep_model), n_layers_per_step=2)
+    ref_value, ref_grads = oracle_layers.reference(deep_model, features, MEGABATCH_SPEC, mat, lay)
+    value, grads = st_loss_and_grads(
+        deep_model, loss_fn, features, seed=lay.seed, what=f"{wrapper}(MegaBatchMarginLoss)"
+    )
+    assert_close_recorded(value, ref_value, what="loss value")
+    assert_close_recorded(grads, ref_grads, what="parameter gradients", **compat.CACHED_GRAD_TOL)
