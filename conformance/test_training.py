@@ -4,7 +4,9 @@ Why: a cached loss that is right for one call can still train wrong - the traine
 gradient accumulation, clips the summed gradient, runs autocast, evaluates under ``no_grad``. Each
 check trains the tiny float64 model a few SGD steps (``SentenceTransformerTrainer`` from 3.0,
 ``model.fit`` on 2.x), records every micro-batch the loss saw, and replays them with the float64
-oracle (:mod:`conformance.training`): every loss value and the final weights must agree.
+oracle (:mod:`conformance.training`): every loss value and the final weights must agree. Matryoshka2dLoss
+(cached and not) is replayed by the layer oracle, its layer and width draws from the seed the recording set
+before each loss call.
 
 Tolerances: float64 runs use the suite's float64 tolerance (rtol 1e-7 / atol 1e-9;
 ``compat.CACHED_GRAD_TOL`` on the releases whose GradCache surrogate is float32): the only differences
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import shutil
 import warnings
 
@@ -24,6 +27,7 @@ import sentence_transformers
 import torch
 
 from conformance import compat, data, oracle, training
+from conformance.oracle_layers import LayerSpec
 from conformance.recording import assert_close_recorded
 
 pytestmark = pytest.mark.training
@@ -133,6 +137,73 @@ def test_gradient_clipping(cached, master_model, master_guide, texts, tmp_path):
     assert min(ref.norms) > recipe.max_grad_norm, f"clipping inactive: norms {ref.norms} vs {recipe.max_grad_norm}"
     assert_close_recorded(torch.stack(run.losses), torch.stack(ref.losses), what="loss per step")
     assert_close_recorded(run.weights, ref.weights, what="weights after clipped training", **_tol(cached))
+
+
+# ------------------------------------------------------------------------------ 2D Matryoshka (layers x widths)
+
+#: ``random`` is seeded with SEED_BASE + i before the i-th loss call. From 10 the three steps sample three
+#: different prior layers (0, 2, 1 of 3 before 5.2.0; 0, 3, 2 of 4 from 5.2.0) and widths 8 and 16, so a
+#: replay that drew other layers or widths would train other weights.
+SEED_BASE_2D = 10
+
+needs_2d = pytest.mark.skipif(
+    compat.loss_class("Matryoshka2dLoss") is None, reason=f"no Matryoshka2dLoss in {compat.ST_RELEASE} (from 2.5.0)"
+)
+
+
+def _train_2d(cached: bool, master_deep_model, texts, tmp_path, recipe) -> training.Run:
+    """Matryoshka2dLoss(MNRL or CMNRL) around a copy of the 4-layer model, trained with ``random`` seeded per call."""
+    model = copy.deepcopy(master_deep_model).train()
+    inner = compat.make_inner_loss(oracle.InnerSpec(kind="mnrl"), model, cached=cached, mini_batch_size=MINI_BATCH)
+    loss_fn = compat.matryoshka_2d_loss(model, inner, DIMS, n_dims_per_step=1)
+    name = "cached" if cached else "plain"
+    run = training.train(model, loss_fn, _columns(texts), tmp_path / name, recipe, seed_base=SEED_BASE_2D)
+    assert len(run.batches) == recipe.steps, f"{name}: the loss ran on {len(run.batches)} micro-batches"
+    sizes = [batch[0]["input_ids"].shape[0] for batch in run.batches]
+    assert set(sizes) == {recipe.batch_size}, f"{name}: micro-batch sizes {sizes}, expected {recipe.batch_size} each"
+    return run
+
+
+@needs_2d
+@pytest.mark.parametrize("cached", [pytest.param(True, id="cached"), pytest.param(False, id="plain")])
+def test_2d_trains_like_the_oracle(cached, master_deep_model, texts, tmp_path):
+    """Matryoshka2dLoss (widths 32/16/8, one width and one prior layer per step, dropout off) around MNRL or
+    CMNRL(mini_batch_size=3), three SGD steps on 8 pairs: every step's loss and the final weights equal the
+    float64 replay by the layer oracle, which draws each step's layers and widths from the seed the recording
+    set before that loss call. The cached run also ends with the plain run's losses and weights (same seeds,
+    same micro-batches). Tolerance: rtol 1e-7 / atol 1e-9 (float64: summation order only), widened to
+    ``compat.CACHED_GRAD_TOL`` for the cached run where the release's GradCache surrogate is float32.
+    """
+    if cached and not compat.ADAPTIVE_LAYER_CACHES:
+        pytest.skip(
+            f"no layer cache in {compat.ST_RELEASE} ({compat.STATE}): Matryoshka2dLoss around a cached loss is "
+            "refused or broken there (test_adaptive_layer.py checks it)"
+        )
+    recipe = training.Recipe(steps=3, batch_size=ROWS)
+    run = _train_2d(cached, master_deep_model, texts, tmp_path, recipe)
+    spec = oracle.InnerSpec(kind="mnrl")
+    mat = oracle.MatryoshkaSpec(dims=DIMS, n_dims_per_step=1, sorts_dims=compat.SORTS_DIMS)
+    lay = LayerSpec(**compat.adaptive_semantics())
+    n_layers = master_deep_model[0].auto_model.config.num_hidden_layers
+    drawn = set()
+    for seed in run.seeds:  # the oracle's draw order: the final layer's widths, then the prior layers
+        rng = random.Random(seed)
+        mat.selected(rng)
+        drawn.update(lay.prior_indices(n_layers, rng))
+    assert len(drawn) > 1, f"seeds {run.seeds} sample the same prior layer {drawn} every step: choose another base"
+    ref = training.replay(master_deep_model, run.batches, spec, mat, recipe, layer=lay, seeds=run.seeds)
+    start = training.weights(master_deep_model)
+    moved = max(float((ref.weights[n] - w).abs().max()) for n, w in start.items())
+    assert moved > MIN_UPDATE, f"the reference barely trains ({moved:.2e}): the check could not see a wrong gradient"
+    assert_close_recorded(torch.stack(run.losses), torch.stack(ref.losses), what="loss per step")
+    assert_close_recorded(run.weights, ref.weights, what="weights after training", **_tol(cached))
+    if cached:
+        plain = _train_2d(False, master_deep_model, texts, tmp_path, recipe)
+        for step, (a, b) in enumerate(zip(run.batches, plain.batches)):
+            assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b)), f"step {step}: other rows"
+        assert run.seeds == plain.seeds
+        assert_close_recorded(torch.stack(run.losses), torch.stack(plain.losses), what="cached vs plain loss per step")
+        assert_close_recorded(run.weights, plain.weights, what="cached vs plain weights", **_tol(cached))
 
 
 #: float32 training (what users run) against the float64 replay. float32 unit roundoff is 6e-8; a loss

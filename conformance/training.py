@@ -12,6 +12,11 @@ the oracle's float64 loss and a hand-written SGD step (mean over the micro-batch
 as ``torch.nn.utils.clip_grad_norm_``), so the run's per-step losses and final weights have an
 independent reference. SGD with a constant learning rate: the update is linear in the gradient, so a
 gradient error shows in the weights at its own size (Adam would normalise a scale error away).
+
+Losses that draw from Python's ``random`` (AdaptiveLayerLoss / Matryoshka2dLoss sample layers and widths)
+are made replayable by the same pre-hook: asked to (``seed_base``), it calls ``random.seed(seed_base + i)``
+right before the i-th loss call and records that seed, which the replay hands to the layer oracle
+(``LayerSpec.seed``) for that micro-batch.
 """
 
 from __future__ import annotations
@@ -20,15 +25,17 @@ import copy
 import importlib
 import inspect
 import math
+import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import sentence_transformers
 import torch
 from packaging.version import Version
 
-from conformance import compat, oracle
+from conformance import compat, oracle, oracle_layers
+from conformance.oracle_layers import LayerSpec
 
 #: SentenceTransformerTrainer exists from 3.0 (and needs ``datasets``); 2.x trains with ``model.fit``.
 HAS_TRAINER = compat.ST_VERSION >= Version("3.0.0") and importlib.util.find_spec("datasets") is not None
@@ -38,11 +45,13 @@ NO_CLIP = 1e9
 
 @dataclass
 class Run:
-    """What one training run did: the micro-batches its loss saw, the loss values, the final weights."""
+    """What one training run did: the micro-batches its loss saw, the loss values, the final weights, and
+    (when the recording seeded ``random``) the seed set right before each loss call."""
 
     batches: list[list[dict]] = field(default_factory=list)
     losses: list[torch.Tensor] = field(default_factory=list)
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -57,12 +66,18 @@ class Recipe:
     bf16: bool = False
 
 
-def record(loss_fn, run: Run):
-    """Hooks on the loss module: copy its input features, keep its output. Returns the handles."""
+def record(loss_fn, run: Run, seed_base: int | None = None):
+    """Hooks on the loss module: copy its input features, keep its output. With ``seed_base``, also
+    ``random.seed(seed_base + i)`` right before the i-th call (recorded in ``run.seeds``), so the loss's
+    draws from ``random`` can be replayed. Returns the handles."""
 
     def before(module, args):
         features = args[0]
         run.batches.append([{k: v.detach().clone() for k, v in f.items() if torch.is_tensor(v)} for f in features])
+        if seed_base is not None:
+            seed = seed_base + len(run.seeds)
+            run.seeds.append(seed)
+            random.seed(seed)
 
     def after(module, args, output):
         run.losses.append(output.detach().to(torch.float64).clone())
@@ -172,11 +187,14 @@ def _fit(model, loss_fn, columns, recipe: Recipe) -> None:
         )
 
 
-def train(model, loss_fn, columns, output_dir: Path, recipe: Recipe, *, fit: bool = False) -> Run:
+def train(
+    model, loss_fn, columns, output_dir: Path, recipe: Recipe, *, fit: bool = False, seed_base: int | None = None
+) -> Run:
     """Train ``model`` with ``loss_fn`` through the release's own training loop, recorded: the trainer
-    where it exists, else (or with ``fit=True``) ``model.fit`` (from 3.0 a wrapper around the trainer)."""
+    where it exists, else (or with ``fit=True``) ``model.fit`` (from 3.0 a wrapper around the trainer).
+    ``seed_base``: seed ``random`` before every loss call (see :func:`record`)."""
     run = Run()
-    handles = record(loss_fn, run)
+    handles = record(loss_fn, run, seed_base)
     torch.manual_seed(0)
     try:
         if HAS_TRAINER and not fit:
@@ -199,15 +217,33 @@ class Replay:
     weights: dict[str, torch.Tensor]
 
 
-def replay(master, batches, spec, mat, recipe: Recipe, guide=None) -> Replay:
-    """Float64 SGD on ``batches``: per step the mean gradient of ``accumulation`` micro-batches, clipped."""
+def replay(
+    master,
+    batches,
+    spec,
+    mat,
+    recipe: Recipe,
+    guide=None,
+    layer: LayerSpec | None = None,
+    seeds: list[int] | None = None,
+) -> Replay:
+    """Float64 SGD on ``batches``: per step the mean gradient of ``accumulation`` micro-batches, clipped.
+
+    ``layer``: replay with the 2D oracle (:mod:`conformance.oracle_layers`) instead of the Matryoshka one;
+    micro-batch i then draws its layers and widths from ``random.Random(seeds[i])`` (``Run.seeds``)."""
+    if layer is not None and (seeds is None or len(seeds) != len(batches)):
+        raise ValueError(f"the 2D replay needs one seed per micro-batch: {len(batches)} batches, seeds {seeds}")
     model = copy.deepcopy(master).to(torch.float64).train()
     losses, norms = [], []
     k = recipe.accumulation
     for step in range(len(batches) // k):
         total = None
-        for features in batches[step * k : (step + 1) * k]:
-            loss, grads = oracle.reference(model, features, spec, mat, guide)
+        for i in range(step * k, (step + 1) * k):
+            if layer is None:
+                loss, grads = oracle.reference(model, batches[i], spec, mat, guide)
+            else:
+                lay = replace(layer, seed=seeds[i])
+                loss, grads = oracle_layers.reference(model, batches[i], spec, mat, lay, guide)
             losses.append(loss)
             total = grads if total is None else {n: total[n] + g for n, g in grads.items()}
         mean = {n: g / k for n, g in total.items()}
