@@ -266,7 +266,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch_trainer_ranks(tmp_path: Path, model_dir: Path) -> list[dict]:
+def _launch_trainer_ranks(tmp_path: Path, model_dir: Path, kind: str = "matryoshka") -> list[dict]:
     """Start ``python -m conformance.train_rank`` once per rank (torchrun's environment), wait (bounded),
     kill what is left by PID; the ranks' results, or pytest.fail naming the rank and why."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD))
@@ -275,7 +275,7 @@ def _launch_trainer_ranks(tmp_path: Path, model_dir: Path) -> list[dict]:
     for rank in range(WORLD):
         log = open(tmp_path / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed below
         rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "conformance.train_rank", str(tmp_path), str(model_dir)]
+        cmd = [sys.executable, "-m", "conformance.train_rank", str(tmp_path), str(model_dir), kind]
         procs.append((subprocess.Popen(cmd, env=rank_env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + TRAINER_TIMEOUT_S
     while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
@@ -335,6 +335,46 @@ def test_trainer_two_ranks(master_model, model_dirs, tmp_path):
             result["weights"],
             expected,
             what=f"rank {rank}: weights after distributed training",
+            **compat.CACHED_GRAD_TOL,
+        )
+
+
+@pytest.mark.skipif(not training.HAS_TRAINER, reason="SentenceTransformerTrainer exists from 3.0")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.skipif(not compat.ADAPTIVE_LAYER_CACHES, reason=f"no layer cache in {compat.ST_RELEASE} ({compat.STATE})")
+def test_trainer_two_ranks_2d(master_deep_model, model_dirs, tmp_path):
+    """Matryoshka2dLoss(CMNRL) (every layer and width: nothing drawn from the ranks' random) on 2 gloo ranks.
+
+    The trainer hands the loss its DDP-wrapped model, so the layer cache must read the layers through the
+    wrapper and run its second forward pass through it. Both ranks end with the weights of a float64 SGD
+    replay by the layer oracle: the whole-batch reference where the loss gathers across devices (the KL
+    term is per rank, and with equal halves its mean is the whole batch's), else the ranks' average."""
+    from conformance import oracle_layers, train_rank
+
+    results = _launch_trainer_ranks(tmp_path, model_dirs["deep"], "2d")
+    assert all(r["world"] == WORLD for r in results), "the trainer did not run distributed"
+    steps = train_rank.STEPS
+    assert all(len(r["batches"]) == steps for r in results), [len(r["batches"]) for r in results]
+    model = copy.deepcopy(master_deep_model).train()
+    spec, mat = oracle.InnerSpec(kind="mnrl"), oracle.MatryoshkaSpec(dims=train_rank.DIMS)
+    lay = oracle_layers.LayerSpec(n_layers_per_step=-1, **compat.adaptive_semantics())
+    for step in range(steps):
+        parts = [r["batches"][step] for r in results]
+        if results[0]["gathers"]:
+            whole = [{k: _cat_padded([p[c][k] for p in parts]) for k in parts[0][c]} for c in range(len(parts[0]))]
+            grads = oracle_layers.reference(model, whole, spec, mat, lay)[1]
+        else:
+            per_rank = [oracle_layers.reference(model, p, spec, mat, lay)[1] for p in parts]
+            grads = {n: sum(g[n] for g in per_rank) / WORLD for n in per_rank[0]}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p -= train_rank.LR * grads[name]
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for rank, result in enumerate(results):
+        assert_close_recorded(
+            result["weights"],
+            expected,
+            what=f"rank {rank}: weights after distributed 2D training",
             **compat.CACHED_GRAD_TOL,
         )
 

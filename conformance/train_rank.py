@@ -4,8 +4,9 @@ Why a separate program: the trainer sets up ``torch.distributed`` itself from th
 (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), the way ``torchrun``
 starts it, so each rank must be its own process with its own environment - not a fork of the test.
 
-Usage: ``python -m conformance.train_rank OUT MODEL_DIR`` with the environment above. The rank trains
-the tiny model (float64, width 32) with ``MatryoshkaLoss(CachedMultipleNegativesRankingLoss)`` for
+Usage: ``python -m conformance.train_rank OUT MODEL_DIR [2d]`` with the environment above. The rank trains
+the tiny model (float64, width 32) with ``MatryoshkaLoss(CachedMultipleNegativesRankingLoss)`` (``2d``:
+``Matryoshka2dLoss`` around it, every layer and width, on the 4-layer model) for
 :data:`STEPS` SGD steps, recording the micro-batches its loss saw, and writes ``OUT/rank<r>.pt``
 (``{"batches", "weights"}``) or ``OUT/rank<r>.err`` (the traceback).
 """
@@ -32,7 +33,7 @@ def gathers(cls) -> bool:
     return "gather_across_devices" in inspect.signature(cls.__init__).parameters
 
 
-def _loss(model):
+def _loss(model, kind: str):
     from conformance import compat
 
     cls = compat.loss_class("CachedMultipleNegativesRankingLoss")
@@ -42,17 +43,20 @@ def _loss(model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         inner = cls(model, **kwargs)
+    if kind == "2d":
+        # every layer and every width in every step: no draw from random, which differs between the ranks
+        return compat.matryoshka_2d_loss(model, inner, DIMS, None, -1, n_layers_per_step=-1)
     return compat.matryoshka_loss(model, inner, DIMS)
 
 
-def _train(out: Path, model_dir: Path) -> None:
+def _train(out: Path, model_dir: Path, kind: str) -> None:
     import torch
 
     from conformance import data, tiny, training
 
     torch.set_num_threads(1)
     model = tiny.load_sentence_transformer(model_dir, WIDTH).train()
-    loss_fn = _loss(model)
+    loss_fn = _loss(model, kind)
     texts = data.sentences(columns=2, rows=2 * ROWS_PER_RANK)
     recipe = training.Recipe(steps=STEPS, batch_size=ROWS_PER_RANK, lr=LR)
     run = training.Run()
@@ -64,17 +68,28 @@ def _train(out: Path, model_dir: Path) -> None:
         handle.remove()
     import torch.distributed as dist
 
-    info = {"world": dist.get_world_size() if dist.is_initialized() else 1, "gathers": gathers(type(loss_fn.loss))}
+    info = {
+        "world": dist.get_world_size() if dist.is_initialized() else 1,
+        "gathers": gathers(type(inner_loss(loss_fn))),
+    }
     torch.save(
         {"batches": run.batches, "weights": training.weights(model), **info}, out / f"rank{os.environ['RANK']}.pt"
     )
 
 
+def inner_loss(loss_fn):
+    """The cached loss at the end of the ``.loss`` chain (MatryoshkaLoss, or AdaptiveLayerLoss(MatryoshkaLoss))."""
+    while hasattr(loss_fn, "loss"):
+        loss_fn = loss_fn.loss
+    return loss_fn
+
+
 def main(argv: list[str]) -> int:
     out, model_dir = Path(argv[0]), Path(argv[1])
+    kind = argv[2] if len(argv) > 2 else "matryoshka"
     rank = os.environ.get("RANK", "?")
     try:
-        _train(out, model_dir)
+        _train(out, model_dir, kind)
     except BaseException:  # noqa: BLE001 - the launching test reports it
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         return 1

@@ -292,6 +292,11 @@ LAYER_MUTANTS = {
         "FIRST_PRIOR = 0",
         "test_2d_cached_vs_reference",
     ),
+    "ddp-wrapper-read-as-the-model": (  # the trainer's DDP wrapper has no [0] (the transformer)
+        "    model = unwrapped(model)\n",
+        "",
+        "test_trainer_two_ranks_2d",
+    ),
     "wrong-model-accepted": (
         '    if getattr(inner, "model", None) is not getattr(owner, "model", None):',
         "    if False:",

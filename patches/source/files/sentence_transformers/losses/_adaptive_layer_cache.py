@@ -97,6 +97,19 @@ def uses_layer_cache(owner: nn.Module) -> bool:
 # ----------------------------------------------------------------------------------- layer embeddings
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The SentenceTransformer inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers.
+
+    The trainer hands the loss its DDP-wrapped model under torch.distributed: the forward passes go through
+    the wrapper (its gradient synchronisation), the transformer and the modules after it are read here."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        inner = inner if isinstance(inner, nn.Module) else getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def _modules_after_transformer(model: nn.Module, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
     for module in list(model.children())[1:]:
         features = module(features)
@@ -107,7 +120,9 @@ def embed_layers(
     model: nn.Module, forward: Callable, features: Dict[str, Tensor], wanted: Optional[Iterable[int]] = None
 ) -> Tuple[Dict[str, Tensor], Dict[int, Tensor]]:
     """``forward(features)`` with hidden states, and the pooled embedding of the prior layers ``wanted``
-    (default: all) and of the final layer (key :data:`FINAL`), as upstream's TransformerDecorator does."""
+    (default: all) and of the final layer (key :data:`FINAL`), as upstream's TransformerDecorator does.
+    ``model`` may be wrapped (DDP): ``forward`` is its own, the layers are read from the model inside."""
+    model = unwrapped(model)
     config = model[0].auto_model.config
     before = config.output_hidden_states
     config.output_hidden_states = True
