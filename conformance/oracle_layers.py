@@ -93,28 +93,42 @@ def kl_to_teacher(layer: Sequence[Tensor], teacher_log_p: Tensor, temperature: f
     return (teacher_log_p.exp() * (teacher_log_p - log_q)).sum() / log_q.shape[0]
 
 
-def _term(embs, spec: InnerSpec, mat: MatryoshkaSpec | None, rng: random.Random, guide_embs) -> Tensor:
-    """The wrapped loss on one layer's embeddings; with MatryoshkaLoss its own width sample from ``rng``."""
+def _term(embs, spec: InnerSpec, mat: MatryoshkaSpec | None, rng: random.Random, guide_embs, terms: dict) -> Tensor:
+    """The wrapped loss on one layer's embeddings; with MatryoshkaLoss its own width sample from ``rng``.
+    ``terms``: width (None without MatryoshkaLoss) -> its unweighted loss, filled here."""
     if mat is None:
-        return inner_loss(embs, spec, guide_embs)
+        terms[None] = inner_loss(embs, spec, guide_embs)
+        return terms[None]
     total = torch.zeros((), dtype=torch.float64)
     for dim, weight in mat.selected(rng):
-        total = total + weight * inner_loss([truncate(e, dim) for e in embs], spec, guide_embs)
+        terms[dim] = inner_loss([truncate(e, dim) for e in embs], spec, guide_embs)
+        total = total + weight * terms[dim]
     return total
 
 
 def adaptive_layer(
-    layers: Sequence[Tensor], spec: InnerSpec, mat: MatryoshkaSpec | None, lay: LayerSpec, guide_embs=None
+    layers: Sequence[Tensor],
+    spec: InnerSpec,
+    mat: MatryoshkaSpec | None,
+    lay: LayerSpec,
+    guide_embs=None,
+    terms: dict | None = None,
 ) -> Tensor:
     """The 2D loss of one step from every column's layer embeddings (see the module docstring).
 
     The draws replay upstream's order on one stream seeded like ``random.seed(lay.seed)``: the final
     layer's widths, then the prior layers, then each prior layer's widths in the order drawn.
+    ``terms`` (optional) is filled with every term's unweighted loss, keyed (transformer layers the
+    embeddings passed through, width): the final layer passes through all of them.
     """
+    terms = {} if terms is None else terms
     rng = random.Random(lay.seed)
     final = [c[-1] for c in layers]
-    total = lay.last_layer_weight * _term(final, spec, mat, rng, guide_embs)
-    priors = lay.prior_indices(layers[0].shape[0] - 1, rng)
+    n_layers = layers[0].shape[0] - 1
+    widths: dict = {}
+    total = lay.last_layer_weight * _term(final, spec, mat, rng, guide_embs, widths)
+    terms.update({(n_layers, dim): value.detach() for dim, value in widths.items()})
+    priors = lay.prior_indices(n_layers, rng)
     temperature = lay.kl_temperature
     if temperature > 0:
         teacher_log_p = torch.log_softmax(torch.cat(final, dim=0) / temperature, dim=-1)
@@ -123,7 +137,9 @@ def adaptive_layer(
     for index in priors:
         embs = [c[index + lay.first_prior] for c in layers]
         scale = lay.prior_layers_weight * lay.weight(index) / len(priors)
-        total = total + scale * _term(embs, spec, mat, rng, guide_embs)
+        widths = {}
+        total = total + scale * _term(embs, spec, mat, rng, guide_embs, widths)
+        terms.update({(index + lay.first_prior, dim): value.detach() for dim, value in widths.items()})
         if temperature > 0:
             total = total + lay.kl_div_weight * temperature * kl_to_teacher(embs, teacher_log_p, temperature)
     return total
@@ -139,3 +155,13 @@ def reference(model, features, spec: InnerSpec, mat: MatryoshkaSpec | None, lay:
     grads = parameter_grads(model)
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
+
+
+def per_term_losses(model, features, spec: InnerSpec, mat: MatryoshkaSpec | None, lay: LayerSpec, guide=None) -> dict:
+    """(transformer layers, width) -> unweighted loss of every term of one step (width None without MatryoshkaLoss)."""
+    with torch.no_grad():
+        layers = layer_embeddings(model, features)
+        guide_embs = embed(guide, features, grad=False) if spec.kind == "gist" else None
+        terms: dict = {}
+        adaptive_layer(layers, spec, mat, lay, guide_embs, terms)
+    return terms

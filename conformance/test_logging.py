@@ -23,7 +23,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conformance import cases, compat, data, env, oracle
+from conformance import cases, compat, data, env, oracle, oracle_layers
 from conformance.harness import backward, call_loss
 from conformance.recording import F64, assert_close_recorded
 
@@ -208,3 +208,66 @@ def test_per_width_losses_without_gradients(case, model, guide, feats, reference
         assert_close_recorded(components, terms, what="per-width components")
         out = torch.stack(list(out.values())).sum()
     assert_close_recorded(out.detach(), ref_value, what="sum of the components")
+
+
+# ------------------------------------------------------------ AdaptiveLayerLoss / Matryoshka2dLoss (2.5.0+)
+
+HAS_2D = compat.loss_class("AdaptiveLayerLoss") is not None
+
+
+def _loss_2d(wrapper: str, model, cached: bool, log_per_dim: bool):
+    """The 2D loss around MNRL or CMNRL (mini-batch 5): 2 prior layers per step, one width per layer."""
+    inner = cases.base_case("mnrl", cached=cached).inner_loss(model, None)
+    kwargs = {"n_layers_per_step": 2, **({"log_per_dim": True} if log_per_dim else {})}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if wrapper == "Matryoshka2dLoss":
+            return compat.loss_class("Matryoshka2dLoss")(model, inner, [32, 16, 8], n_dims_per_step=1, **kwargs)
+        return compat.loss_class("AdaptiveLayerLoss")(model, inner, **kwargs)
+
+
+def _2d_params():
+    out = []
+    for wrapper in ("Matryoshka2dLoss", "AdaptiveLayerLoss"):
+        for cached in (False, True):
+            marks = [] if compat.ADAPTIVE_LAYER_CACHES or not cached else [pytest.mark.skip(reason="no layer cache")]
+            out.append(pytest.param(wrapper, cached, id=f"{wrapper}-{'cached' if cached else 'plain'}", marks=marks))
+    return out
+
+
+@pytest.mark.skipif(not HAS_2D, reason=f"no AdaptiveLayerLoss in {compat.ST_RELEASE}")
+@pytest.mark.parametrize(("wrapper", "cached"), _2d_params())
+def test_2d_per_layer_and_width_losses_vs_reference(wrapper, cached, deep_model, feats):
+    """``log_per_dim=True`` on the 2D losses: ``last_per_dim_losses`` holds the unweighted loss of every
+    (transformer layers, width) term the step trained - width None for AdaptiveLayerLoss alone - equal to the
+    layer oracle's terms; where the trainer logs components, one per term plus ``adaptive_layer_weighting``,
+    summing to the loss; the total and every gradient as with the switch off (float64)."""
+    from conformance.oracle_layers import LayerSpec
+    from conformance.test_adaptive_reference import Case2D
+
+    case = Case2D(wrapper=wrapper, layer={"n_layers_per_step": 2})
+    features = feats(case.columns)
+    lay = LayerSpec(n_layers_per_step=2, **compat.adaptive_semantics(), seed=case.seed)
+    mat = (
+        cases.base_case("mnrl", dims=(32, 16, 8), weights=None, n_dims_per_step=1).matryoshka_spec()
+        if case.matryoshka
+        else None
+    )
+    terms = oracle_layers.per_term_losses(deep_model, features, cases.base_case("mnrl").inner_spec(), mat, lay)
+    assert len(terms) == 3 and any(k[0] == deep_model[0].auto_model.config.num_hidden_layers for k in terms), terms
+    on = _loss_2d(wrapper, deep_model, cached, True)
+    out, on_total, on_grads = _run(on, deep_model, features, case.seed, f"{wrapper}(log_per_dim=True)")
+    recorded = {key: torch.tensor(value, dtype=torch.float64) for key, value in on.last_per_dim_losses.items()}
+    assert_close_recorded(recorded, terms, what="last_per_dim_losses per (layers, width)")
+    if TRACKS:
+        assert isinstance(out, dict), f"the trainer logs loss components; returned {type(out).__name__}"
+        names = {f"matryoshka_layer_{k}" + ("" if d is None else f"_dim_{d}"): (k, d) for k, d in terms}
+        assert set(out) == set(names) | {"adaptive_layer_weighting"}, sorted(out)
+        assert_close_recorded(
+            {names[n]: out[n].detach() for n in names}, terms, what="per-(layers, width) loss components"
+        )
+    else:
+        assert isinstance(out, torch.Tensor), f"{compat.ST_RELEASE}'s trainer needs a tensor; got {type(out).__name__}"
+    _, off_total, off_grads = _run(_loss_2d(wrapper, deep_model, cached, False), deep_model, features, case.seed, "off")
+    assert_close_recorded(on_total, off_total, what="loss value", rtol=1e-12, atol=1e-14)
+    assert_close_recorded(on_grads, off_grads, what="parameter gradients", rtol=1e-12, atol=1e-14)

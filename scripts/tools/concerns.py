@@ -102,6 +102,19 @@ BACKPORT: tuple[Concern, ...] = (
         "matryoshka-log-per-dim",
         {MATRYOSHKA: log.edit_matryoshka_log, log.CACHE_MODULE: log.edit_cache_stage_log},
         (log.LOG_MODULE,),
+        releases="<2.5.0",
+    ),
+    Concern(  # with AdaptiveLayerLoss and Matryoshka2dLoss (2.5.0+): one loss per (layers, width)
+        "matryoshka-log-per-dim",
+        {
+            MATRYOSHKA: log.edit_matryoshka_log,
+            log.CACHE_MODULE: log.edit_cache_stage_log,
+            ADAPTIVE_LAYER: log.edit_adaptive_layer_log(log.LOG_IMPORT),
+            MATRYOSHKA_2D: log.edit_matryoshka_2d_log,
+            layers.LAYER_SOURCE: log.edit_layer_cache_log(log.LOG_IMPORT),
+        },
+        (log.LOG_MODULE,),
+        releases=">=2.5.0",
     ),
 )
 
@@ -178,8 +191,26 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         {native.MATRYOSHKA_NEW: edit_matryoshka_same_dims_on_every_rank},
         releases=">=5.4.0",
     ),
-    Concern("matryoshka-log-per-dim", {native.MATRYOSHKA_OLD: log.edit_matryoshka_log_native}, releases="<5.4.0"),
-    Concern("matryoshka-log-per-dim", {native.MATRYOSHKA_NEW: log.edit_matryoshka_log_native}, releases=">=5.4.0"),
+    Concern(
+        "matryoshka-log-per-dim",
+        {
+            native.MATRYOSHKA_OLD: log.edit_matryoshka_log_native,
+            native.ADAPTIVE_LAYER_OLD: log.edit_adaptive_layer_log(log.LOG_IMPORT_NATIVE_OLD),
+            native.MATRYOSHKA_2D_OLD: log.edit_matryoshka_2d_log,
+            layers.LAYER_MODULE_OLD: log.edit_layer_cache_log(log.LOG_IMPORT_NATIVE_OLD),
+        },
+        releases="<5.4.0",
+    ),
+    Concern(
+        "matryoshka-log-per-dim",
+        {
+            native.MATRYOSHKA_NEW: log.edit_matryoshka_log_native,
+            native.ADAPTIVE_LAYER_NEW: log.edit_adaptive_layer_log(log.LOG_IMPORT_NATIVE_NEW),
+            native.MATRYOSHKA_2D_NEW: log.edit_matryoshka_2d_log,
+            layers.LAYER_MODULE_NEW: log.edit_layer_cache_log(log.LOG_IMPORT_NATIVE_NEW),
+        },
+        releases=">=5.4.0",
+    ),
 )
 
 

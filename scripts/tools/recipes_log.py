@@ -10,11 +10,16 @@ native CachedLossDecorator.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from .recipes import LOSSES, MATRYOSHKA, RecipeError, _matryoshka_class, _sub_once
+from .recipes import ADAPTIVE_LAYER, LOSSES, MATRYOSHKA, MATRYOSHKA_2D, RecipeError, _matryoshka_class, _sub_once
 
 LOG_MODULE = f"{LOSSES}/_matryoshka_log.py"
+#: Where AdaptiveLayerLoss imports the logging functions from: the backport's module, or native MatryoshkaLoss's.
+LOG_IMPORT = "sentence_transformers.losses._matryoshka_log"
+LOG_IMPORT_NATIVE_OLD = "sentence_transformers.losses.MatryoshkaLoss"
+LOG_IMPORT_NATIVE_NEW = "sentence_transformers.sentence_transformer.losses.matryoshka"
 CACHE_MODULE = f"{LOSSES}/_matryoshka_cache.py"
 SOURCE = Path(__file__).resolve().parents[2] / "patches" / "source" / "files" / LOG_MODULE
 #: The line of _matryoshka_log.py after which its functions start (what a fix series inlines).
@@ -129,3 +134,117 @@ def edit_matryoshka_log_native(text: str) -> str:
         what,
     )
     return _edit_matryoshka_class(text, what)
+
+
+# --- AdaptiveLayerLoss / Matryoshka2dLoss (2.5.0+): one loss per (layers, width) ---------------------------
+
+ADAPTIVE_INIT_SWITCH = """\
+        # log_per_dim: record the unweighted loss of every (layers, width) term in last_per_dim_losses and, where
+        # the trainer logs loss components, return them as such (see per_term_output); training is unchanged.
+        self.log_per_dim = check_log_per_dim(log_per_dim)
+        self.last_per_dim_losses = {}
+"""
+
+ADAPTIVE_FORWARD_COLLECTS = """\
+        if self.log_per_dim and not is_collecting_per_dim(self):
+            # Run this forward inside a collector of every (layers, width) loss, then log them.
+            with collecting_per_dim(self) as per_term:
+                loss = self.forward(sentence_features, labels)
+            return per_term_output(self, loss, per_term)
+"""
+
+ADAPTIVE_NAMES = "check_log_per_dim, collecting_per_dim, is_collecting_per_dim, layer_term, per_term_output"
+#: The layer cache's import in AdaptiveLayerLoss (adaptive-layer-truncate-after-cache) gains two names.
+LAYER_CACHE_IMPORT = "    adaptive_layer_cached_forward,\n    check_adaptive_layer_loss,\n    uses_layer_cache,\n)\n"
+
+
+def _class_body(text: str, name: str, what: str) -> tuple[str, str]:
+    head, sep, body = text.partition(f"\nclass {name}(")
+    if not sep:
+        raise RecipeError(f"{what}: no class {name}")
+    return head, sep + body
+
+
+def _add_init_keyword(body: str, what: str) -> str:
+    return _sub_once(
+        r"^(    def __init__\(\n(?:        [^\n]*,\n)+)(    \) -> None:\n)",
+        lambda m: m.group(1) + "        log_per_dim: bool = False,\n" + m.group(2),
+        body,
+        what,
+    )
+
+
+def edit_adaptive_layer_log(log_module: str):
+    """AdaptiveLayerLoss: the switch, the collector, every layer's term recorded per (layers, width) on the
+    non-cached path (the layer cache records its own terms). ``log_module``: where the logging functions live."""
+
+    def edit(text: str) -> str:
+        what = "AdaptiveLayerLoss"
+        text = _sub_once(
+            re.escape(LAYER_CACHE_IMPORT),
+            "    FINAL,\n" + LAYER_CACHE_IMPORT[:-2] + "    layers_used,\n)\n"
+            f"from {log_module} import {ADAPTIVE_NAMES}\n",
+            text,
+            what,
+        )
+        head, body = _class_body(text, "AdaptiveLayerLoss", what)
+        body = _add_init_keyword(body, what)
+        body = _sub_once(r"^        self\.kl_temperature = kl_temperature\n", lambda m: m.group(0) + ADAPTIVE_INIT_SWITCH, body, what)
+        body = _sub_once(
+            r"^    def forward\(self, sentence_features: [^\n]*\) -> Tensor:\n",
+            lambda m: m.group(0) + ADAPTIVE_FORWARD_COLLECTS,
+            body,
+            what,
+        )
+        body = _sub_once(
+            r"= self\.loss\(sentence_features, labels\) \* self\.last_layer_weight\n",
+            "= layer_term(self, layers_used(self, FINAL), self.loss, sentence_features, labels) * self.last_layer_weight\n",
+            body,
+            what,
+        )
+        body = _sub_once(
+            r"^( +)layer_loss = self\.loss\(sentence_features, labels\)\n",
+            lambda m: f"{m.group(1)}layer_loss = layer_term(self, layers_used(self, layer_idx), self.loss, sentence_features, labels)\n",
+            body,
+            what,
+        )
+        return head + body
+
+    return edit
+
+
+def edit_matryoshka_2d_log(text: str) -> str:
+    """Matryoshka2dLoss: the switch, handed to AdaptiveLayerLoss."""
+    what = "Matryoshka2dLoss"
+    head, body = _class_body(text, "Matryoshka2dLoss", what)
+    body = _add_init_keyword(body, what)
+    body = _sub_once(
+        r"^            kl_temperature=kl_temperature,\n",
+        lambda m: m.group(0) + "            log_per_dim=log_per_dim,\n",
+        body,
+        what,
+    )
+    return head + body
+
+
+def edit_layer_cache_log(log_module: str):
+    """The layer cache: record the unweighted loss of every (layers, width) term it computed."""
+
+    def edit(text: str) -> str:
+        what = "_adaptive_layer_cache.py"
+        text = _sub_once(
+            r"^from torch import Tensor, nn\n",
+            lambda m: m.group(0) + f"\nfrom {log_module} import record_per_dim\n",
+            text,
+            what,
+        )
+        return _sub_once(
+            r"^    value, grads = stage\.result\.total, stage\.result\.grads\n",
+            lambda m: m.group(0)
+            + "    for (index, dim), term in stage.result.per_term.items():\n"
+            + "        record_per_dim((layers_used(owner, index), dim), term, owner=owner)\n",
+            text,
+            what,
+        )
+
+    return edit

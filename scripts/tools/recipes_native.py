@@ -26,6 +26,7 @@ CMNRL_OLD, CMNRL_NEW = _paths("CachedMultipleNegativesRankingLoss", "cached_mult
 CGIST_OLD, CGIST_NEW = _paths("CachedGISTEmbedLoss", "cached_gist_embed")
 CMNSRL_OLD = f"{LOSSES}/CachedMultipleNegativesSymmetricRankingLoss.py"
 ADAPTIVE_LAYER_OLD, ADAPTIVE_LAYER_NEW = _paths("AdaptiveLayerLoss", "adaptive_layer")
+MATRYOSHKA_2D_OLD, MATRYOSHKA_2D_NEW = _paths("Matryoshka2dLoss", "matryoshka_2d")
 
 
 # --- 1. n_dims_per_step reaches the CachedLossDecorator (3.4.0 - 5.3.x) ---------------------------

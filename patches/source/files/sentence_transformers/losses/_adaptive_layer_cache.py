@@ -219,15 +219,18 @@ def _term(
     embs: List[List[Tensor]],
     dims_weights: List[Tuple[Optional[int], float]],
     scale: float,
+    per_dim: Dict[Optional[int], Tensor],
 ) -> Tuple[Tensor, Optional[List[List[Tensor]]]]:
-    """``scale * sum_d w_d * stage(truncate(embs, d))`` (d None: no truncation) and its gradient wrt ``embs``."""
+    """``scale * sum_d w_d * stage(truncate(embs, d))`` (d None: no truncation) and its gradient wrt ``embs``;
+    each width's unweighted ``stage`` value goes into ``per_dim``."""
     fulls = [[e.detach().requires_grad_(caching) for e in es] for es in embs]
     total = None
     with torch.enable_grad() if caching else torch.no_grad():
         for dim, weight in dims_weights:
             cut = [[f if dim is None else truncate(f, dim) for f in fs] for fs in fulls]
             leaves = [[c.detach().requires_grad_(caching) for c in cs] for cs in cut]
-            value = weight * stage(leaves).detach()
+            per_dim[dim] = stage(leaves).detach()
+            value = weight * per_dim[dim]
             total = value if total is None else total + value
             if caching:
                 pairs = [(c, l.grad) for cs, ls in zip(cut, leaves) for c, l in zip(cs, ls) if l.grad is not None]
@@ -269,20 +272,38 @@ def layer_weight(owner: nn.Module, index: int) -> float:
     return get_layer_weight(index) if callable(get_layer_weight) else 1 / (1 + index)
 
 
+def layers_used(owner: nn.Module, index: int) -> int:
+    """How many transformer layers the embeddings of prior layer ``index`` (or :data:`FINAL`) pass through."""
+    if index == FINAL:
+        return unwrapped(owner.model)[0].auto_model.config.num_hidden_layers
+    return index + FIRST_PRIOR
+
+
+@dataclass
+class Stage2DResult:
+    """One step's 2D loss from the cached layers: the value, the gradient per layer (None without gradients),
+    and the unweighted loss of every (layer, width) term (width None without MatryoshkaLoss)."""
+
+    total: Tensor
+    grads: Optional[Grads]
+    per_term: Dict[Tuple[int, Optional[int]], Tensor]
+
+
 def loss_stage_2d(
     owner: nn.Module,
     matryoshka: Optional[nn.Module],
     stage: Callable[[List[List[Tensor]]], Tensor],
     caching: bool,
     layers: Dict[int, List[List[Tensor]]],
-) -> Tuple[Tensor, Optional[Grads]]:
+) -> Stage2DResult:
     """The AdaptiveLayerLoss value of one step from the cached layers, and the gradient per layer."""
 
     def dims() -> List[Tuple[Optional[int], float]]:
         return select_dims(matryoshka) if matryoshka is not None else [(None, 1.0)]
 
     grads: Grads = {}
-    total, grad = _term(stage, caching, layers[FINAL], dims(), owner.last_layer_weight)
+    per_dim: Dict[int, Dict[Optional[int], Tensor]] = {FINAL: {}}
+    total, grad = _term(stage, caching, layers[FINAL], dims(), owner.last_layer_weight, per_dim[FINAL])
     _add(grads, FINAL, grad)
     indices: Iterable[int] = range(len(layers) - 1)
     if 0 < owner.n_layers_per_step < len(layers) - 1:
@@ -290,7 +311,7 @@ def loss_stage_2d(
     indices = list(indices)
     for index in indices:
         scale = owner.prior_layers_weight * layer_weight(owner, index) / len(indices)
-        value, grad = _term(stage, caching, layers[index], dims(), scale)
+        value, grad = _term(stage, caching, layers[index], dims(), scale, per_dim.setdefault(index, {}))
         total = total + value
         _add(grads, index, grad)
         if owner.kl_temperature > 0:
@@ -299,7 +320,8 @@ def loss_stage_2d(
             )
             total = total + kl
             _add(grads, index, grad_layer)
-    return total, grads if caching else None
+    per_term = {(index, dim): value for index, values in per_dim.items() for dim, value in values.items()}
+    return Stage2DResult(total, grads if caching else None, per_term)
 
 
 class _Stage2D:
@@ -312,7 +334,7 @@ class _Stage2D:
             name: getattr(inner, name) for name in LOSS_STAGE_METHODS if callable(getattr(inner, name, None))
         }
         self.active = False
-        self.result: Optional[Tuple[Tensor, Optional[Grads]]] = None
+        self.result: Optional[Stage2DResult] = None
 
     def stage(self, name: str, reps: List[List[Tensor]], *args: Any, **kwargs: Any) -> Tensor:
         method = self.originals[name]
@@ -334,7 +356,7 @@ class _Stage2D:
             self.result = loss_stage_2d(self.owner, self.matryoshka, call, caching, layers)
         finally:
             self.active = False
-        grads = self.result[1]
+        grads = self.result.grads
         if grads is not None:
             # Where a loss reads its cache from rep.grad (5.7 style, which checks that every column got one):
             # the final layer's gradients, as without layers. Its backward hook never runs all the same.
@@ -343,7 +365,7 @@ class _Stage2D:
                     if r.requires_grad and r.is_leaf:
                         r.grad = g
         # A fresh leaf: the loss registers its backward hook on it, which never runs (not in the graph).
-        loss = self.result[0].detach().requires_grad_()
+        loss = self.result.total.detach().requires_grad_()
         if returns_cache:
             return loss, grads.get(FINAL) if grads is not None else None  # type: ignore[return-value]
         return loss
@@ -378,7 +400,7 @@ def adaptive_layer_cached_forward(
         inner(sentence_features, labels)
     if stage.result is None:
         raise RuntimeError(f"AdaptiveLayerLoss: {type(inner).__name__} returned without calling its loss stage.")
-    value, grads = stage.result
+    value, grads = stage.result.total, stage.result.grads
     if grads is None or not torch.is_grad_enabled():
         return value.detach()
     loss = value.detach().requires_grad_()

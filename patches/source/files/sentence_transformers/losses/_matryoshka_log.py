@@ -89,14 +89,50 @@ def trainer_logs_loss_components() -> bool:
 def per_dim_output(owner, total, per_dim):
     """Set ``owner.last_per_dim_losses``; return ``total``, or the dict of components that sums to it."""
     owner.last_per_dim_losses = {dim: float(value) for dim, value in per_dim.items()}
-    if not per_dim or not isinstance(total, torch.Tensor) or not trainer_logs_loss_components():
-        return total
     weights = dict(zip(owner.matryoshka_dims, owner.matryoshka_weights))
+    named = {f"matryoshka_dim_{dim}": value for dim, value in per_dim.items()}
+    weighted = any(weights.get(dim, 1) != 1 for dim in per_dim)
+    return _components(total, named, "matryoshka_weighting" if weighted else None)
+
+
+def layer_term(owner, layers, loss, *args):
+    """``loss(*args)``, one layer's term of AdaptiveLayerLoss ``owner`` (through ``layers`` transformer layers).
+
+    While ``owner`` collects (``log_per_dim=True``) the term's unweighted loss is recorded under
+    ``(layers, width)``: one entry per width a MatryoshkaLoss ``loss`` trained, else ``(layers, None)``.
+    """
+    if not is_collecting_per_dim(owner):
+        return loss(*args)
+    with collecting_per_dim(loss) as widths:  # a MatryoshkaLoss records its own widths
+        value = loss(*args)
+    for dim, width_value in (widths or {None: value}).items():
+        record_per_dim((layers, dim), width_value, owner=owner)
+    return value
+
+
+def per_term_output(owner, total, per_term):
+    """AdaptiveLayerLoss / Matryoshka2dLoss: set ``owner.last_per_dim_losses`` ((layers, width) -> float); return
+    ``total``, or components ``matryoshka_layer_<layers>[_dim_<width>]`` plus ``adaptive_layer_weighting``, the
+    constant that makes their sum the loss (the layers' and widths' weights, the KL term)."""
+    owner.last_per_dim_losses = {key: float(value) for key, value in per_term.items()}
+    named = {
+        f"matryoshka_layer_{layers}" + ("" if dim is None else f"_dim_{dim}"): value
+        for (layers, dim), value in per_term.items()
+    }
+    return _components(total, named, "adaptive_layer_weighting")
+
+
+def _components(total, named, remainder):
+    """``total``, or (where the trainer logs loss components) ``named`` as a dict whose sum is ``total``: the
+    first component carries the gradient of ``total`` (zero in value), and ``remainder`` (if not None) is the
+    constant difference between ``total`` and the named values."""
+    if not named or not isinstance(total, torch.Tensor) or not trainer_logs_loss_components():
+        return total
     carry = total - total.detach()  # zero in value; the gradient of the weighted total
     components = {}
-    for index, (dim, value) in enumerate(per_dim.items()):
+    for index, (name, value) in enumerate(named.items()):
         value = value.to(total.dtype)
-        components[f"matryoshka_dim_{dim}"] = value + carry if index == 0 else value
-    if any(weights.get(dim, 1) != 1 for dim in per_dim):
-        components["matryoshka_weighting"] = total.detach() - sum(components.values()).detach()
+        components[name] = value + carry if index == 0 else value
+    if remainder is not None:
+        components[remainder] = total.detach() - sum(components.values()).detach()
     return components
