@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .recipes import ADAPTIVE_LAYER, LOSSES, MATRYOSHKA, MATRYOSHKA_2D, RecipeError, _matryoshka_class, _sub_once
+from .recipes import LOSSES, MATRYOSHKA, RecipeError, _matryoshka_class, _sub_once
 
 LOG_MODULE = f"{LOSSES}/_matryoshka_log.py"
 #: Where AdaptiveLayerLoss imports the logging functions from: the backport's module, or native MatryoshkaLoss's.
@@ -189,7 +189,9 @@ def edit_adaptive_layer_log(log_module: str):
         )
         head, body = _class_body(text, "AdaptiveLayerLoss", what)
         body = _add_init_keyword(body, what)
-        body = _sub_once(r"^        self\.kl_temperature = kl_temperature\n", lambda m: m.group(0) + ADAPTIVE_INIT_SWITCH, body, what)
+        body = _sub_once(
+            r"^        self\.kl_temperature = kl_temperature\n", lambda m: m.group(0) + ADAPTIVE_INIT_SWITCH, body, what
+        )
         body = _sub_once(
             r"^    def forward\(self, sentence_features: [^\n]*\) -> Tensor:\n",
             lambda m: m.group(0) + ADAPTIVE_FORWARD_COLLECTS,
@@ -204,7 +206,9 @@ def edit_adaptive_layer_log(log_module: str):
         )
         body = _sub_once(
             r"^( +)layer_loss = self\.loss\(sentence_features, labels\)\n",
-            lambda m: f"{m.group(1)}layer_loss = layer_term(self, layers_used(self, layer_idx), self.loss, sentence_features, labels)\n",
+            lambda m: (
+                f"{m.group(1)}layer_loss = layer_term(self, layers_used(self, layer_idx), self.loss, sentence_features, labels)\n"
+            ),
             body,
             what,
         )
@@ -240,9 +244,11 @@ def edit_layer_cache_log(log_module: str):
         )
         return _sub_once(
             r"^    value, grads = stage\.result\.total, stage\.result\.grads\n",
-            lambda m: m.group(0)
-            + "    for (index, dim), term in stage.result.per_term.items():\n"
-            + "        record_per_dim((layers_used(owner, index), dim), term, owner=owner)\n",
+            lambda m: (
+                m.group(0)
+                + "    for (index, dim), term in stage.result.per_term.items():\n"
+                + "        record_per_dim((layers_used(owner, index), dim), term, owner=owner)\n"
+            ),
             text,
             what,
         )
