@@ -162,6 +162,18 @@ MUTANTS = {
         "    return True",
         "test_per_width_losses_vs_reference",
     ),
+    "2d-term-recorded-without-its-widths": (  # a layer's term recorded whole, not per MatryoshkaLoss width
+        LOG_MODULE,
+        "    for dim, width_value in (widths or {None: value}).items():",
+        "    for dim, width_value in {None: value}.items():",
+        "test_2d_per_layer_and_width_losses_vs_reference",
+    ),
+    "2d-layers-counted-from-the-prior-index": (  # (i, width) instead of (i + FIRST_PRIOR, width)
+        "sentence_transformers/losses/_adaptive_layer_cache.py",
+        "    return index + FIRST_PRIOR",
+        "    return index",
+        "test_2d_per_layer_and_width_losses_vs_reference",
+    ),
     "log-switch-unchecked": (
         LOG_MODULE,
         "    if not isinstance(log_per_dim, bool):",
@@ -248,6 +260,11 @@ NATIVE_LAYER_MUTANTS = {
         "                        pass",
         "test_2d_cached_vs_reference",
     ),
+    "native-ddp-wrapper-read-as-the-model": (  # 6.x's trainer hands the loss its DDP wrapper, which has no [0]
+        "    model = unwrapped(model)\n",
+        "",
+        "test_trainer_two_ranks_2d",
+    ),
     "native-loss-and-cache-tuple-dropped": (  # 6.x CachedGISTEmbedLoss's stage returns (loss, cache)
         "            return loss, grads.get(FINAL) if grads is not None else None",
         "            return loss",
@@ -291,11 +308,6 @@ LAYER_MUTANTS = {
         "FIRST_PRIOR = 1",
         "FIRST_PRIOR = 0",
         "test_2d_cached_vs_reference",
-    ),
-    "ddp-wrapper-read-as-the-model": (  # the trainer's DDP wrapper has no [0] (the transformer)
-        "    model = unwrapped(model)\n",
-        "",
-        "test_trainer_two_ranks_2d",
     ),
     "wrong-model-accepted": (
         '    if getattr(inner, "model", None) is not getattr(owner, "model", None):',

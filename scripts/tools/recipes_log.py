@@ -138,22 +138,33 @@ def edit_matryoshka_log_native(text: str) -> str:
 
 # --- AdaptiveLayerLoss / Matryoshka2dLoss (2.5.0+): one loss per (layers, width) ---------------------------
 
+#: The logging functions are reached through their module, imported on first use: a native release's
+#: MatryoshkaLoss module imports the losses package, whose initialisation imports AdaptiveLayerLoss first.
+LOG_ACCESSOR = '''\
+def _matryoshka_log():
+    """The module of the per-width logging functions ({module}), imported on first use: before 5.7.0 a native
+    MatryoshkaLoss module imports the losses package, whose initialisation imports this module first."""
+    return importlib.import_module("{module}")
+
+
+'''
+
 ADAPTIVE_INIT_SWITCH = """\
         # log_per_dim: record the unweighted loss of every (layers, width) term in last_per_dim_losses and, where
         # the trainer logs loss components, return them as such (see per_term_output); training is unchanged.
-        self.log_per_dim = check_log_per_dim(log_per_dim)
+        self.log_per_dim = _matryoshka_log().check_log_per_dim(log_per_dim)
         self.last_per_dim_losses = {}
 """
 
 ADAPTIVE_FORWARD_COLLECTS = """\
-        if self.log_per_dim and not is_collecting_per_dim(self):
+        log = _matryoshka_log()
+        if self.log_per_dim and not log.is_collecting_per_dim(self):
             # Run this forward inside a collector of every (layers, width) loss, then log them.
-            with collecting_per_dim(self) as per_term:
+            with log.collecting_per_dim(self) as per_term:
                 loss = self.forward(sentence_features, labels)
-            return per_term_output(self, loss, per_term)
+            return log.per_term_output(self, loss, per_term)
 """
 
-ADAPTIVE_NAMES = "check_log_per_dim, collecting_per_dim, is_collecting_per_dim, layer_term, per_term_output"
 #: The layer cache's import in AdaptiveLayerLoss (adaptive-layer-truncate-after-cache) gains two names.
 LAYER_CACHE_IMPORT = "    adaptive_layer_cached_forward,\n    check_adaptive_layer_loss,\n    uses_layer_cache,\n)\n"
 
@@ -174,20 +185,25 @@ def _add_init_keyword(body: str, what: str) -> str:
     )
 
 
+def _import_importlib(text: str, what: str) -> str:
+    return _sub_once(r"^import random\n", "import importlib\nimport random\n", text, what)
+
+
 def edit_adaptive_layer_log(log_module: str):
     """AdaptiveLayerLoss: the switch, the collector, every layer's term recorded per (layers, width) on the
     non-cached path (the layer cache records its own terms). ``log_module``: where the logging functions live."""
 
     def edit(text: str) -> str:
         what = "AdaptiveLayerLoss"
+        text = _import_importlib(text, what)
         text = _sub_once(
             re.escape(LAYER_CACHE_IMPORT),
-            "    FINAL,\n" + LAYER_CACHE_IMPORT[:-2] + "    layers_used,\n)\n"
-            f"from {log_module} import {ADAPTIVE_NAMES}\n",
+            "    FINAL,\n" + LAYER_CACHE_IMPORT[:-2] + "    layers_used,\n)\n",
             text,
             what,
         )
         head, body = _class_body(text, "AdaptiveLayerLoss", what)
+        head = head.rstrip("\n") + "\n\n\n" + LOG_ACCESSOR.format(module=log_module).rstrip("\n") + "\n"
         body = _add_init_keyword(body, what)
         body = _sub_once(
             r"^        self\.kl_temperature = kl_temperature\n", lambda m: m.group(0) + ADAPTIVE_INIT_SWITCH, body, what
@@ -200,14 +216,16 @@ def edit_adaptive_layer_log(log_module: str):
         )
         body = _sub_once(
             r"= self\.loss\(sentence_features, labels\) \* self\.last_layer_weight\n",
-            "= layer_term(self, layers_used(self, FINAL), self.loss, sentence_features, labels) * self.last_layer_weight\n",
+            "= log.layer_term(self, layers_used(self, FINAL), self.loss, sentence_features, labels)"
+            " * self.last_layer_weight\n",
             body,
             what,
         )
         body = _sub_once(
             r"^( +)layer_loss = self\.loss\(sentence_features, labels\)\n",
             lambda m: (
-                f"{m.group(1)}layer_loss = layer_term(self, layers_used(self, layer_idx), self.loss, sentence_features, labels)\n"
+                f"{m.group(1)}layer_loss = log.layer_term("
+                "self, layers_used(self, layer_idx), self.loss, sentence_features, labels)\n"
             ),
             body,
             what,
@@ -236,9 +254,10 @@ def edit_layer_cache_log(log_module: str):
 
     def edit(text: str) -> str:
         what = "_adaptive_layer_cache.py"
+        text = _import_importlib(text, what)
         text = _sub_once(
-            r"^from torch import Tensor, nn\n",
-            lambda m: m.group(0) + f"\nfrom {log_module} import record_per_dim\n",
+            r"^def adaptive_layer_cached_forward\(",
+            lambda m: LOG_ACCESSOR.format(module=log_module) + m.group(0),
             text,
             what,
         )
@@ -247,7 +266,7 @@ def edit_layer_cache_log(log_module: str):
             lambda m: (
                 m.group(0)
                 + "    for (index, dim), term in stage.result.per_term.items():\n"
-                + "        record_per_dim((layers_used(owner, index), dim), term, owner=owner)\n"
+                + "        _matryoshka_log().record_per_dim((layers_used(owner, index), dim), term, owner=owner)\n"
             ),
             text,
             what,
