@@ -271,3 +271,49 @@ def test_2d_per_layer_and_width_losses_vs_reference(wrapper, cached, deep_model,
     _, off_total, off_grads = _run(_loss_2d(wrapper, deep_model, cached, False), deep_model, features, case.seed, "off")
     assert_close_recorded(on_total, off_total, what="loss value", rtol=1e-12, atol=1e-14)
     assert_close_recorded(on_grads, off_grads, what="parameter gradients", rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(not TRACKS, reason=f"the trainer of {compat.ST_RELEASE} logs no loss components")
+@pytest.mark.parametrize(("wrapper", "cached"), _2d_params())
+def test_trainer_logs_each_layer_and_width(wrapper, cached, deep_model, feats, texts, tmp_path):
+    """One training step of the 2D loss with every layer and width (nothing drawn from ``random``): the trainer's
+    log holds every (layers, width) term, the layer oracle's at the initial weights (4 decimals, as logged)."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    from conformance.oracle_layers import LayerSpec
+
+    rows = data.batch_rows("A")
+    dataset = Dataset.from_dict({"anchor": texts[0][rows], "positive": texts[1][rows]})
+    lay = LayerSpec(n_layers_per_step=-1, **compat.adaptive_semantics())
+    matryoshka = wrapper == "Matryoshka2dLoss"
+    mat = cases.base_case("mnrl", dims=(32, 16, 8), weights=None).matryoshka_spec() if matryoshka else None
+    terms = oracle_layers.per_term_losses(deep_model, feats(2), cases.base_case("mnrl").inner_spec(), mat, lay)
+    inner = cases.base_case("mnrl", cached=cached).inner_loss(deep_model, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if matryoshka:
+            loss_fn = compat.loss_class("Matryoshka2dLoss")(
+                deep_model, inner, [32, 16, 8], n_layers_per_step=-1, n_dims_per_step=-1, log_per_dim=True
+            )
+        else:
+            loss_fn = compat.loss_class("AdaptiveLayerLoss")(deep_model, inner, n_layers_per_step=-1, log_per_dim=True)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=len(dataset),
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+    )
+    trainer = SentenceTransformerTrainer(model=deep_model, args=args, train_dataset=dataset, loss=loss_fn)
+    trainer.train()
+    logged = next((entry for entry in trainer.state.log_history if "loss" in entry), {})
+    expected = {
+        f"matryoshka_layer_{layers}" + ("" if dim is None else f"_dim_{dim}"): float(term)
+        for (layers, dim), term in terms.items()
+    }
+    got = {key: logged.get(key) for key in expected}
+    assert None not in got.values(), f"log_history misses terms: {logged}"
+    assert all(abs(got[key] - expected[key]) <= 1e-4 for key in expected), f"logged {got}, oracle {expected}"
+    assert "adaptive_layer_weighting" in logged, f"no adaptive_layer_weighting component: {logged}"
