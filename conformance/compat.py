@@ -215,6 +215,10 @@ def _adaptive_layer_caches() -> bool:
 
 #: AdaptiveLayerLoss / Matryoshka2dLoss around a GradCache loss is supported (else: refused or broken).
 ADAPTIVE_LAYER_CACHES = _adaptive_layer_caches()
+#: Where the checks of the 2D losses around a GradCache loss run: with the layer cache, and on an unpatched release
+#: that has AdaptiveLayerLoss, where upstream's combination fails them (registry: adaptive-layer-gradient-cache).
+#: A partial series without the layer cache refuses the combination instead (test_adaptive_layer.py).
+CHECK_2D_CACHED = ADAPTIVE_LAYER_CACHES or (STATE == "native" and loss_class("AdaptiveLayerLoss") is not None)
 
 
 def adaptive_semantics(**overrides: Any) -> dict[str, Any]:

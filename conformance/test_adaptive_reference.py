@@ -164,7 +164,7 @@ def test_layer_oracle_final_layer_is_the_model_embedding(deep_model, feats):
 # ------------------------------------------------------------------------------ around GradCache losses
 
 CACHED = pytest.mark.skipif(
-    not compat.ADAPTIVE_LAYER_CACHES,
+    not compat.CHECK_2D_CACHED,
     reason=f"no layer cache in {compat.ST_RELEASE} ({compat.STATE}): test_adaptive_layer.py checks the refusal",
 )
 

@@ -341,7 +341,7 @@ def test_trainer_two_ranks(master_model, model_dirs, tmp_path):
 
 @pytest.mark.skipif(not training.HAS_TRAINER, reason="SentenceTransformerTrainer exists from 3.0")
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-@pytest.mark.skipif(not compat.ADAPTIVE_LAYER_CACHES, reason=f"no layer cache in {compat.ST_RELEASE} ({compat.STATE})")
+@pytest.mark.skipif(not compat.CHECK_2D_CACHED, reason=f"no layer cache in {compat.ST_RELEASE} ({compat.STATE})")
 def test_trainer_two_ranks_2d(master_deep_model, model_dirs, tmp_path):
     """Matryoshka2dLoss(CMNRL) (every layer and width: nothing drawn from the ranks' random) on 2 gloo ranks.
 

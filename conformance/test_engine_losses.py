@@ -173,7 +173,7 @@ def test_megabatch_full_batch_matryoshka_vs_reference(model, feats):
 
 
 @needs_megabatch
-@pytest.mark.skipif(not compat.ADAPTIVE_LAYER_CACHES, reason=f"no layer cache in {compat.ST_RELEASE} ({compat.STATE})")
+@pytest.mark.skipif(not compat.CHECK_2D_CACHED, reason=f"no layer cache in {compat.ST_RELEASE} ({compat.STATE})")
 @pytest.mark.parametrize("wrapper", ["AdaptiveLayerLoss", "Matryoshka2dLoss"])
 def test_megabatch_2d_vs_reference(wrapper, deep_model, feats):
     """The mini-batched MegaBatchMarginLoss inside AdaptiveLayerLoss / Matryoshka2dLoss (the layer cache drives

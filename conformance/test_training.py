@@ -174,7 +174,7 @@ def test_2d_trains_like_the_oracle(cached, master_deep_model, texts, tmp_path):
     same micro-batches). Tolerance: rtol 1e-7 / atol 1e-9 (float64: summation order only), widened to
     ``compat.CACHED_GRAD_TOL`` for the cached run where the release's GradCache surrogate is float32.
     """
-    if cached and not compat.ADAPTIVE_LAYER_CACHES:
+    if cached and not compat.CHECK_2D_CACHED:
         pytest.skip(
             f"no layer cache in {compat.ST_RELEASE} ({compat.STATE}): Matryoshka2dLoss around a cached loss is "
             "refused or broken there (test_adaptive_layer.py checks it)"
