@@ -314,20 +314,10 @@ def test_trainer_two_ranks(master_model, model_dirs, tmp_path):
     assert all(r["world"] == WORLD for r in results), "the trainer did not run distributed"
     steps = train_rank.STEPS
     assert all(len(r["batches"]) == steps for r in results), [len(r["batches"]) for r in results]
-    model = copy.deepcopy(master_model).train()
     spec, mat = oracle.InnerSpec(kind="mnrl"), oracle.MatryoshkaSpec(dims=train_rank.DIMS)
-    for step in range(steps):
-        parts = [r["batches"][step] for r in results]
-        if results[0]["gathers"]:
-            whole = [{k: _cat_padded([p[c][k] for p in parts]) for k in parts[0][c]} for c in range(len(parts[0]))]
-            grads = oracle.reference(model, whole, spec, mat)[1]
-        else:
-            per_rank = [oracle.reference(model, p, spec, mat)[1] for p in parts]
-            grads = {n: sum(g[n] for g in per_rank) / WORLD for n in per_rank[0]}
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p -= train_rank.LR * grads[name]
-    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = _replay_ranks(
+        master_model, results, lambda model, features: oracle.reference(model, features, spec, mat)
+    )
     for rank, result in enumerate(results):
         # a cached loss: the project's one tolerance exception for unpatched 5.7.0-6.1.x applies (float32
         # GradCache surrogate, registry gradcache-fp32-surrogate); float64 tolerance everywhere else
@@ -355,21 +345,11 @@ def test_trainer_two_ranks_2d(master_deep_model, model_dirs, tmp_path):
     assert all(r["world"] == WORLD for r in results), "the trainer did not run distributed"
     steps = train_rank.STEPS
     assert all(len(r["batches"]) == steps for r in results), [len(r["batches"]) for r in results]
-    model = copy.deepcopy(master_deep_model).train()
     spec, mat = oracle.InnerSpec(kind="mnrl"), oracle.MatryoshkaSpec(dims=train_rank.DIMS)
     lay = oracle_layers.LayerSpec(n_layers_per_step=-1, **compat.adaptive_semantics())
-    for step in range(steps):
-        parts = [r["batches"][step] for r in results]
-        if results[0]["gathers"]:
-            whole = [{k: _cat_padded([p[c][k] for p in parts]) for k in parts[0][c]} for c in range(len(parts[0]))]
-            grads = oracle_layers.reference(model, whole, spec, mat, lay)[1]
-        else:
-            per_rank = [oracle_layers.reference(model, p, spec, mat, lay)[1] for p in parts]
-            grads = {n: sum(g[n] for g in per_rank) / WORLD for n in per_rank[0]}
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p -= train_rank.LR * grads[name]
-    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = _replay_ranks(
+        master_deep_model, results, lambda model, features: oracle_layers.reference(model, features, spec, mat, lay)
+    )
     for rank, result in enumerate(results):
         assert_close_recorded(
             result["weights"],
@@ -377,6 +357,27 @@ def test_trainer_two_ranks_2d(master_deep_model, model_dirs, tmp_path):
             what=f"rank {rank}: weights after distributed 2D training",
             **compat.CACHED_GRAD_TOL,
         )
+
+
+def _replay_ranks(master, results: list[dict], reference) -> dict[str, torch.Tensor]:
+    """The weights after a float64 SGD replay of the ranks' recorded steps: per step the gradient of
+    ``reference(model, features)`` (-> (value, grads)) on the whole batch where the loss gathers across
+    devices, else the average of the ranks' gradients (what DDP applies)."""
+    from conformance import train_rank
+
+    model = copy.deepcopy(master).train()
+    for step in range(train_rank.STEPS):
+        parts = [r["batches"][step] for r in results]
+        if results[0]["gathers"]:
+            whole = [{k: _cat_padded([p[c][k] for p in parts]) for k in parts[0][c]} for c in range(len(parts[0]))]
+            grads = reference(model, whole)[1]
+        else:
+            per_rank = [reference(model, p)[1] for p in parts]
+            grads = {n: sum(g[n] for g in per_rank) / WORLD for n in per_rank[0]}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p -= train_rank.LR * grads[name]
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:

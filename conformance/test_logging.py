@@ -157,19 +157,10 @@ def test_bad_switch_raises_clear_error(model, guide):
         compat.LOSSES.MatryoshkaLoss(model, case.inner_loss(model, guide), [32, 16], log_per_dim="yes")
 
 
-@pytest.mark.skipif(not TRACKS, reason=f"the trainer of {compat.ST_RELEASE} logs no loss components")
-@pytest.mark.parametrize("cached", [False, True], ids=["MNRL", "CMNRL"])
-def test_trainer_logs_each_width(cached, model, guide, feats, texts, tmp_path):
-    """One training step: the trainer's log holds each width's loss, the oracle's term at the initial weights
-    (the trainer rounds logged components to 4 decimals); the whole batch is one step, and the loss is a mean
-    over rows, so the sampler's row order does not change it."""
-    from datasets import Dataset
+def _logged_step(model, loss_fn, dataset, tmp_path) -> dict:
+    """One trainer step on the whole ``dataset`` (one batch), logged: the log entry that holds the loss."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    case = cases.base_case("mnrl", cached=cached, columns=2)
-    rows = data.batch_rows("A")
-    dataset = Dataset.from_dict({"anchor": texts[0][rows], "positive": texts[1][rows]})
-    terms = _terms(case, model, guide, feats(2))
     args = SentenceTransformerTrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=len(dataset),
@@ -178,10 +169,24 @@ def test_trainer_logs_each_width(cached, model, guide, feats, texts, tmp_path):
         report_to="none",
         save_strategy="no",
     )
-    loss_fn = _loss(case, model, guide, log_per_dim=True)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss_fn)
     trainer.train()
-    logged = next((entry for entry in trainer.state.log_history if "loss" in entry), {})
+    return next((entry for entry in trainer.state.log_history if "loss" in entry), {})
+
+
+@pytest.mark.skipif(not TRACKS, reason=f"the trainer of {compat.ST_RELEASE} logs no loss components")
+@pytest.mark.parametrize("cached", [False, True], ids=["MNRL", "CMNRL"])
+def test_trainer_logs_each_width(cached, model, guide, feats, texts, tmp_path):
+    """One training step: the trainer's log holds each width's loss, the oracle's term at the initial weights
+    (the trainer rounds logged components to 4 decimals); the whole batch is one step, and the loss is a mean
+    over rows, so the sampler's row order does not change it."""
+    from datasets import Dataset
+
+    case = cases.base_case("mnrl", cached=cached, columns=2)
+    rows = data.batch_rows("A")
+    dataset = Dataset.from_dict({"anchor": texts[0][rows], "positive": texts[1][rows]})
+    terms = _terms(case, model, guide, feats(2))
+    logged = _logged_step(model, _loss(case, model, guide, log_per_dim=True), dataset, tmp_path)
     expected = {f"matryoshka_dim_{dim}": float(term) for dim, term in terms.items()}
     got = {key: logged.get(key) for key in expected}
     assert None not in got.values(), f"log_history misses widths: {logged}"
@@ -279,7 +284,6 @@ def test_trainer_logs_each_layer_and_width(wrapper, cached, deep_model, feats, t
     """One training step of the 2D loss with every layer and width (nothing drawn from ``random``): the trainer's
     log holds every (layers, width) term, the layer oracle's at the initial weights (4 decimals, as logged)."""
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     from conformance.oracle_layers import LayerSpec
 
@@ -298,17 +302,7 @@ def test_trainer_logs_each_layer_and_width(wrapper, cached, deep_model, feats, t
             )
         else:
             loss_fn = compat.loss_class("AdaptiveLayerLoss")(deep_model, inner, n_layers_per_step=-1, log_per_dim=True)
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=len(dataset),
-        max_steps=1,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-    )
-    trainer = SentenceTransformerTrainer(model=deep_model, args=args, train_dataset=dataset, loss=loss_fn)
-    trainer.train()
-    logged = next((entry for entry in trainer.state.log_history if "loss" in entry), {})
+    logged = _logged_step(deep_model, loss_fn, dataset, tmp_path)
     expected = {
         f"matryoshka_layer_{layers}" + ("" if dim is None else f"_dim_{dim}"): float(term)
         for (layers, dim), term in terms.items()

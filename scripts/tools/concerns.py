@@ -37,6 +37,49 @@ from .recipes import (
     edit_symmetric,
 )
 
+# --- native concerns that differ only by module layout (and a release's semantics): one table each
+
+
+def _native_layer_cache(adaptive: str, module: str, first_prior: int, releases: str) -> Concern:
+    """The layer cache made for a native layout (``module``) and its AdaptiveLayerLoss edit."""
+    return Concern(
+        "adaptive-layer-truncate-after-cache",
+        {adaptive: layers.edit_adaptive_layer_cached_native(module)},
+        writes={module: partial(layers.native_layer_module, module, first_prior)},
+        releases=releases,
+    )
+
+
+#: (AdaptiveLayerLoss, the layer cache, FIRST_PRIOR, releases): the prior layers start at the embedding output
+#: from 5.2.0 (PR #3560); the losses moved to sentence_transformer/losses in 5.4.0.
+NATIVE_LAYER_CACHES = (
+    (native.ADAPTIVE_LAYER_OLD, layers.LAYER_MODULE_OLD, 1, "<5.2.0"),
+    (native.ADAPTIVE_LAYER_OLD, layers.LAYER_MODULE_OLD, 0, ">=5.2.0,<5.4.0"),
+    (native.ADAPTIVE_LAYER_NEW, layers.LAYER_MODULE_NEW, 0, ">=5.4.0"),
+)
+
+
+def _native_log(matryoshka: str, adaptive: str, matryoshka_2d: str, layer_cache: str, releases: str) -> Concern:
+    """Per-width logging for a native layout: MatryoshkaLoss inlines the logging functions, the 2D losses and
+    the layer cache reach them in MatryoshkaLoss's module."""
+    return Concern(
+        "matryoshka-log-per-dim",
+        {
+            matryoshka: log.edit_matryoshka_log_native,
+            adaptive: log.edit_adaptive_layer_log(matryoshka),
+            matryoshka_2d: log.edit_matryoshka_2d_log,
+            layer_cache: log.edit_layer_cache_log(matryoshka),
+        },
+        releases=releases,
+    )
+
+
+NATIVE_LOG_LAYOUTS = (
+    (native.MATRYOSHKA_OLD, native.ADAPTIVE_LAYER_OLD, native.MATRYOSHKA_2D_OLD, layers.LAYER_MODULE_OLD, "<5.4.0"),
+    (native.MATRYOSHKA_NEW, native.ADAPTIVE_LAYER_NEW, native.MATRYOSHKA_2D_NEW, layers.LAYER_MODULE_NEW, ">=5.4.0"),
+)
+
+
 BACKPORT: tuple[Concern, ...] = (
     # AdaptiveLayerLoss (2.5.0+) must refuse what the removed MatryoshkaLoss warning used to flag.
     Concern(
@@ -109,9 +152,9 @@ BACKPORT: tuple[Concern, ...] = (
         {
             MATRYOSHKA: log.edit_matryoshka_log,
             log.CACHE_MODULE: log.edit_cache_stage_log,
-            ADAPTIVE_LAYER: log.edit_adaptive_layer_log(log.LOG_IMPORT),
+            ADAPTIVE_LAYER: log.edit_adaptive_layer_log(log.LOG_MODULE),
             MATRYOSHKA_2D: log.edit_matryoshka_2d_log,
-            layers.LAYER_SOURCE: log.edit_layer_cache_log(log.LOG_IMPORT),
+            layers.LAYER_SOURCE: log.edit_layer_cache_log(log.LOG_MODULE),
         },
         (log.LOG_MODULE,),
         releases=">=2.5.0",
@@ -133,24 +176,7 @@ NATIVE_FIXES: tuple[Concern, ...] = (
     ),
     # After the refusal (native.NATIVE_FIXES), which it replaces, and after the detached KL target, which the
     # layer cache follows. The prior layers start at the embedding output from 5.2.0 (PR #3560).
-    Concern(
-        "adaptive-layer-truncate-after-cache",
-        {native.ADAPTIVE_LAYER_OLD: layers.edit_adaptive_layer_cached_native(layers.MODULE_OLD)},
-        writes={layers.LAYER_MODULE_OLD: partial(layers.native_layer_module, layers.LAYER_MODULE_OLD, 1)},
-        releases="<5.2.0",
-    ),
-    Concern(
-        "adaptive-layer-truncate-after-cache",
-        {native.ADAPTIVE_LAYER_OLD: layers.edit_adaptive_layer_cached_native(layers.MODULE_OLD)},
-        writes={layers.LAYER_MODULE_OLD: partial(layers.native_layer_module, layers.LAYER_MODULE_OLD, 0)},
-        releases=">=5.2.0,<5.4.0",
-    ),
-    Concern(
-        "adaptive-layer-truncate-after-cache",
-        {native.ADAPTIVE_LAYER_NEW: layers.edit_adaptive_layer_cached_native(layers.MODULE_NEW)},
-        writes={layers.LAYER_MODULE_NEW: partial(layers.native_layer_module, layers.LAYER_MODULE_NEW, 0)},
-        releases=">=5.4.0",
-    ),
+    *(_native_layer_cache(*layout) for layout in NATIVE_LAYER_CACHES),
     Concern(
         "matryoshka-validate-dims-and-weights",
         {native.MATRYOSHKA_OLD: edit_matryoshka_validate_arguments},
@@ -191,26 +217,7 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         {native.MATRYOSHKA_NEW: edit_matryoshka_same_dims_on_every_rank},
         releases=">=5.4.0",
     ),
-    Concern(
-        "matryoshka-log-per-dim",
-        {
-            native.MATRYOSHKA_OLD: log.edit_matryoshka_log_native,
-            native.ADAPTIVE_LAYER_OLD: log.edit_adaptive_layer_log(log.LOG_IMPORT_NATIVE_OLD),
-            native.MATRYOSHKA_2D_OLD: log.edit_matryoshka_2d_log,
-            layers.LAYER_MODULE_OLD: log.edit_layer_cache_log(log.LOG_IMPORT_NATIVE_OLD),
-        },
-        releases="<5.4.0",
-    ),
-    Concern(
-        "matryoshka-log-per-dim",
-        {
-            native.MATRYOSHKA_NEW: log.edit_matryoshka_log_native,
-            native.ADAPTIVE_LAYER_NEW: log.edit_adaptive_layer_log(log.LOG_IMPORT_NATIVE_NEW),
-            native.MATRYOSHKA_2D_NEW: log.edit_matryoshka_2d_log,
-            layers.LAYER_MODULE_NEW: log.edit_layer_cache_log(log.LOG_IMPORT_NATIVE_NEW),
-        },
-        releases=">=5.4.0",
-    ),
+    *(_native_log(*layout) for layout in NATIVE_LOG_LAYOUTS),
 )
 
 

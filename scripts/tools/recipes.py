@@ -20,6 +20,11 @@ ADAPTIVE_LAYER = f"{LOSSES}/AdaptiveLayerLoss.py"
 SYMMETRIC = f"{LOSSES}/CachedMultipleNegativesSymmetricRankingLoss.py"
 
 
+def import_path(path: str) -> str:
+    """The dotted module name of a file of the package: ``a/b/c.py`` -> ``a.b.c``."""
+    return path.removesuffix(".py").replace("/", ".")
+
+
 class RecipeError(RuntimeError):
     """A recipe did not find the text it edits: the release differs from what the recipe knows."""
 

@@ -21,6 +21,7 @@ from .recipes import (
     LOSSES,
     RecipeError,
     _sub_once,
+    import_path,
 )
 from .recipes_native import NEW_LOSSES, REFUSE_GRADIENT_CACHE
 
@@ -122,9 +123,10 @@ def _drop_unused_imports(text: str, names: tuple[str, ...]) -> str:
     return text
 
 
-def edit_adaptive_layer_cached_native(module: str):
-    """AdaptiveLayerLoss of a native release: train a GradCache loss with the layers in its cache (``module``
-    is the layer cache's import path) instead of refusing it; drop upstream's "not compatible" warning."""
+def edit_adaptive_layer_cached_native(module_path: str):
+    """AdaptiveLayerLoss of a native release: train a GradCache loss with the layers in its cache (the file
+    ``module_path``) instead of refusing it; drop upstream's "not compatible" warning."""
+    module = import_path(module_path)
 
     def edit(text: str) -> str:
         what = "AdaptiveLayerLoss (native)"
@@ -174,11 +176,3 @@ def edit_adaptive_layer_cached_native(module: str):
         )
 
     return edit
-
-
-def _import_path(path: str) -> str:
-    return path.removesuffix(".py").replace("/", ".")
-
-
-MODULE_OLD = _import_path(LAYER_MODULE_OLD)
-MODULE_NEW = _import_path(LAYER_MODULE_NEW)

@@ -13,13 +13,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .recipes import LOSSES, MATRYOSHKA, RecipeError, _matryoshka_class, _sub_once
+from .recipes import LOSSES, MATRYOSHKA, RecipeError, _matryoshka_class, _sub_once, import_path
 
 LOG_MODULE = f"{LOSSES}/_matryoshka_log.py"
-#: Where AdaptiveLayerLoss imports the logging functions from: the backport's module, or native MatryoshkaLoss's.
-LOG_IMPORT = "sentence_transformers.losses._matryoshka_log"
-LOG_IMPORT_NATIVE_OLD = "sentence_transformers.losses.MatryoshkaLoss"
-LOG_IMPORT_NATIVE_NEW = "sentence_transformers.sentence_transformer.losses.matryoshka"
 CACHE_MODULE = f"{LOSSES}/_matryoshka_cache.py"
 SOURCE = Path(__file__).resolve().parents[2] / "patches" / "source" / "files" / LOG_MODULE
 #: The line of _matryoshka_log.py after which its functions start (what a fix series inlines).
@@ -51,22 +47,32 @@ def shared_functions() -> str:
     return body.strip("\n") + "\n\n\n"
 
 
-def _edit_matryoshka_class(text: str, what: str) -> str:
-    """The switch in MatryoshkaLoss.__init__, the collector in forward, the record in the non-cached loop."""
-    head, body = _matryoshka_class(text)
-    body = _sub_once(
+def _add_init_keyword(body: str, what: str) -> str:
+    return _sub_once(
         r"^(    def __init__\(\n(?:        [^\n]*,\n)+)(    \) -> None:\n)",
         lambda m: m.group(1) + "        log_per_dim: bool = False,\n" + m.group(2),
         body,
         what,
     )
-    body = _sub_once(r"^        self\.loss = loss\n", lambda m: m.group(0) + INIT_SWITCH, body, what)
-    body = _sub_once(
+
+
+def _add_switch(body: str, init_anchor: str, init_switch: str, forward_collects: str, what: str) -> str:
+    """The ``log_per_dim`` keyword of a loss class's __init__, its switch after ``init_anchor``, and the
+    collector at the top of its forward (MatryoshkaLoss, AdaptiveLayerLoss)."""
+    body = _add_init_keyword(body, what)
+    body = _sub_once(init_anchor, lambda m: m.group(0) + init_switch, body, what)
+    return _sub_once(
         r"^    def forward\(self, sentence_features: [^\n]*\) -> Tensor:\n",
-        lambda m: m.group(0) + FORWARD_COLLECTS,
+        lambda m: m.group(0) + forward_collects,
         body,
         what,
     )
+
+
+def _edit_matryoshka_class(text: str, what: str) -> str:
+    """The switch in MatryoshkaLoss.__init__, the collector in forward, the record in the non-cached loop."""
+    head, body = _matryoshka_class(text)
+    body = _add_switch(body, r"^        self\.loss = loss\n", INIT_SWITCH, FORWARD_COLLECTS, what)
     body = _sub_once(
         r"^( +)loss \+= weight \* self\.loss\(sentence_features, (\w+)\)\n",
         lambda m: (
@@ -176,22 +182,15 @@ def _class_body(text: str, name: str, what: str) -> tuple[str, str]:
     return head, sep + body
 
 
-def _add_init_keyword(body: str, what: str) -> str:
-    return _sub_once(
-        r"^(    def __init__\(\n(?:        [^\n]*,\n)+)(    \) -> None:\n)",
-        lambda m: m.group(1) + "        log_per_dim: bool = False,\n" + m.group(2),
-        body,
-        what,
-    )
-
-
 def _import_importlib(text: str, what: str) -> str:
     return _sub_once(r"^import random\n", "import importlib\nimport random\n", text, what)
 
 
-def edit_adaptive_layer_log(log_module: str):
+def edit_adaptive_layer_log(log_path: str):
     """AdaptiveLayerLoss: the switch, the collector, every layer's term recorded per (layers, width) on the
-    non-cached path (the layer cache records its own terms). ``log_module``: where the logging functions live."""
+    non-cached path (the layer cache records its own terms). ``log_path``: the file of the logging functions
+    (the backport's _matryoshka_log.py, or a native release's MatryoshkaLoss module, which inlines them)."""
+    log_module = import_path(log_path)
 
     def edit(text: str) -> str:
         what = "AdaptiveLayerLoss"
@@ -204,14 +203,11 @@ def edit_adaptive_layer_log(log_module: str):
         )
         head, body = _class_body(text, "AdaptiveLayerLoss", what)
         head = head.rstrip("\n") + "\n\n\n" + LOG_ACCESSOR.format(module=log_module).rstrip("\n") + "\n"
-        body = _add_init_keyword(body, what)
-        body = _sub_once(
-            r"^        self\.kl_temperature = kl_temperature\n", lambda m: m.group(0) + ADAPTIVE_INIT_SWITCH, body, what
-        )
-        body = _sub_once(
-            r"^    def forward\(self, sentence_features: [^\n]*\) -> Tensor:\n",
-            lambda m: m.group(0) + ADAPTIVE_FORWARD_COLLECTS,
+        body = _add_switch(
             body,
+            r"^        self\.kl_temperature = kl_temperature\n",
+            ADAPTIVE_INIT_SWITCH,
+            ADAPTIVE_FORWARD_COLLECTS,
             what,
         )
         body = _sub_once(
@@ -249,8 +245,9 @@ def edit_matryoshka_2d_log(text: str) -> str:
     return head + body
 
 
-def edit_layer_cache_log(log_module: str):
+def edit_layer_cache_log(log_path: str):
     """The layer cache: record the unweighted loss of every (layers, width) term it computed."""
+    log_module = import_path(log_path)
 
     def edit(text: str) -> str:
         what = "_adaptive_layer_cache.py"
