@@ -14,7 +14,8 @@ Axes:
 - 2, 3, 4 input columns (GIST non-cached: 2-3);
 - cosine and dot similarity (MNRL family). Truncation re-normalises, so cos == dot mathematically:
   the dot axis is what catches a missing re-normalisation.
-- GIST: margins (absolute / relative) and contrast_* switches where the release has them.
+- GIST: margins (absolute / relative) and contrast_* switches where the release has them;
+- MNRL (5.3.0+): ``directions``, ``partition_mode`` and the hardness modes, where the release has them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Case:
     columns: int = 3
     similarity: str = "cos"
     gist: dict = field(default_factory=dict, hash=False)
+    ranking: dict = field(default_factory=dict, hash=False)  # MNRL options (directions, ...), 5.3.0+
     seed: int = 5
     label: str = "base"
 
@@ -54,7 +56,7 @@ class Case:
     def inner_spec(self) -> InnerSpec:
         if self.kind == "gist":
             return InnerSpec(kind="gist", **compat.gist_semantics(**self.gist))
-        return InnerSpec(kind=self.kind, similarity=self.similarity)
+        return InnerSpec(kind=self.kind, similarity=self.similarity, **self.ranking)
 
     def matryoshka_spec(self) -> MatryoshkaSpec:
         return MatryoshkaSpec(
@@ -129,6 +131,37 @@ def _gist_cases(base: Case) -> list[Case]:
     return out
 
 
+def _ranking_cases(base: Case) -> list[Case]:
+    """The 5.3.0+ MNRL options: every direction in one softmax, the symmetric pair per direction, each
+    hardness mode (hard negatives need a negative column), once with the dot similarity."""
+    if not compat.ranking_options(base.cached):
+        return []
+    every = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+    symmetric = {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"}
+    out = [
+        replace(base, ranking={"directions": every}, label="directions-all-joint"),
+        replace(base, ranking={"directions": every}, mini_batch_size=13, columns=4, label="mbs13-directions-all-joint"),
+        replace(base, ranking=symmetric, label="directions-symmetric-per-direction"),
+        replace(
+            base,
+            ranking={**symmetric, "hardness_mode": "all_negatives", "hardness_strength": 3.0},
+            similarity="dot",
+            label="directions-symmetric-hardness-all-dot",
+        ),
+    ]
+    for mode, strength in (("in_batch_negatives", 9.0), ("hard_negatives", 5.0), ("all_negatives", 3.0)):
+        ranking = {"hardness_mode": mode, "hardness_strength": strength}
+        out.append(replace(base, ranking=ranking, label=f"hardness-{mode}-{strength:g}"))
+    out.append(
+        replace(
+            base,
+            ranking={"directions": every, "hardness_mode": "in_batch_negatives", "hardness_strength": 9.0},
+            label="directions-all-hardness-in-batch",
+        )
+    )
+    return out
+
+
 def equivalence_cases(cached: bool) -> list[Case]:
     """Every case for the loss family ``cached`` (True: Cached*, False: plain) that this release has."""
     out = []
@@ -139,6 +172,8 @@ def equivalence_cases(cached: bool) -> list[Case]:
         out += _dims_cases(base) + _shape_cases(base)
         if kind == "gist":
             out += _gist_cases(base)
+        if kind == "mnrl":
+            out += _ranking_cases(base)
     return out
 
 

@@ -126,6 +126,13 @@ def _accepts(cls, name: str) -> bool:
 MATRYOSHKA_HAS_NDPS = _accepts(LOSSES.MatryoshkaLoss, "n_dims_per_step")
 GIST_HAS_MARGIN = _accepts(loss_class("CachedGISTEmbedLoss"), "margin")  # 4.1.0
 GIST_HAS_CONTRAST = _accepts(loss_class("CachedGISTEmbedLoss"), "contrast_anchors")  # 5.1.0
+#: The MNRL options of the oracle's ``directions`` .. ``hardness_strength`` (5.3.0+).
+RANKING_OPTIONS = ("directions", "partition_mode", "hardness_mode", "hardness_strength")
+
+
+def ranking_options(cached: bool) -> bool:
+    """Whether this release's (Cached)MultipleNegativesRankingLoss takes ``directions`` and the hardness options."""
+    return _accepts(loss_class(LOSS_NAMES["mnrl"][1 if cached else 0]), "directions")
 
 
 def gist_semantics(**overrides: Any) -> dict[str, Any]:
@@ -304,6 +311,11 @@ def make_inner_loss(spec: InnerSpec, model, guide=None, *, cached: bool, mini_ba
             warnings.simplefilter("ignore")
             return cls(model, guide, **kwargs)
     kwargs.update(scale=spec.scale, similarity_fct=similarity_fn(spec.similarity))
+    options = {name: getattr(spec, name) for name in RANKING_OPTIONS}
+    if options != {name: getattr(InnerSpec, name) for name in RANKING_OPTIONS}:
+        if not ranking_options(cached):
+            raise LookupError(f"{name} of {ST_RELEASE} has no directions / hardness options")
+        kwargs.update(options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MNSRL is deprecated from 5.3
         return cls(model, **kwargs)

@@ -38,6 +38,11 @@ class InnerSpec:
     relative_rule: Literal["scaled", "abs"] = "scaled"
     positive_margin: float = 0.8  # megabatch
     negative_margin: float = 0.3  # megabatch
+    # MultipleNegativesRankingLoss options (5.3.0+): which score blocks, how they are normalised, hardness.
+    directions: tuple[str, ...] = ("query_to_doc",)
+    partition_mode: Literal["joint", "per_direction"] = "joint"
+    hardness_mode: Literal["in_batch_negatives", "hard_negatives", "all_negatives"] | None = None
+    hardness_strength: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,10 +103,57 @@ def _cross_entropy(scores: Tensor, targets: Tensor) -> Tensor:
 
 
 def mnrl(embs: Sequence[Tensor], spec: InnerSpec) -> Tensor:
-    """MultipleNegativesRankingLoss: CE over sim(anchor, cat(all other columns)) * scale, label i."""
+    """MultipleNegativesRankingLoss: CE over sim(anchor, cat(all other columns)) * scale, label i.
+
+    With the 5.3.0+ options (:func:`mnrl_directions`) where they differ from this default.
+    """
+    if spec.directions != ("query_to_doc",) or spec.hardness_mode is not None:
+        return mnrl_directions(embs, spec)
     anchor, candidates = embs[0], torch.cat(list(embs[1:]), dim=0)
     scores = _sim(anchor, candidates, spec.similarity) * spec.scale
     return _cross_entropy(scores, torch.arange(anchor.shape[0]))
+
+
+def mnrl_directions(embs: Sequence[Tensor], spec: InnerSpec) -> Tensor:
+    """MultipleNegativesRankingLoss with ``directions``, ``partition_mode`` and hardness (5.3.0+), from the
+    documented definition. Queries q_i, documents d_j (every document column, n rows each; q_i's own are
+    j = i, i + n, ...), positive p_i = d_i, all scores times ``scale``:
+
+    - query_to_doc: s(q_i, d_j); query_to_query: s(q_i, q_j), j != i; doc_to_query: s(p_i, q_j);
+      doc_to_doc: s(p_i, d_j) for the documents of the other queries;
+    - hardness: ``alpha * stop_grad(s(q_i, d_j))`` added to the query_to_doc scores of the negatives the
+      mode names: in_batch_negatives the other queries' documents, hard_negatives q_i's own documents but
+      its positive, all_negatives every document but the positive;
+    - loss_i = logsumexp over every selected block ("joint"), or the mean over the blocks of each block's
+      logsumexp ("per_direction"), minus the positive's score; the loss is the mean over i.
+    """
+    queries, docs = embs[0], torch.cat(list(embs[1:]), dim=0)
+    n = queries.shape[0]
+    column = torch.arange(docs.shape[0])
+    own = column[None, :] % n == torch.arange(n)[:, None]  # q_i's own documents
+    qd = _sim(queries, docs, spec.similarity)
+    blocks = {"query_to_doc": qd * spec.scale}
+    if spec.hardness_mode is not None and spec.hardness_strength > 0:
+        positive = column[None, :] == torch.arange(n)[:, None]
+        penalised = {
+            "in_batch_negatives": ~own,
+            "hard_negatives": own & ~positive,
+            "all_negatives": ~positive,
+        }[spec.hardness_mode]
+        blocks["query_to_doc"] = blocks["query_to_doc"] + spec.hardness_strength * qd.detach() * penalised
+    eye = torch.eye(n, dtype=torch.bool)
+    if "query_to_query" in spec.directions:
+        blocks["query_to_query"] = (_sim(queries, queries, spec.similarity) * spec.scale).masked_fill(eye, -torch.inf)
+    if "doc_to_query" in spec.directions:
+        blocks["doc_to_query"] = _sim(embs[1], queries, spec.similarity) * spec.scale
+    if "doc_to_doc" in spec.directions:
+        blocks["doc_to_doc"] = (_sim(embs[1], docs, spec.similarity) * spec.scale).masked_fill(own, -torch.inf)
+    positive_score = blocks["query_to_doc"].diagonal()
+    if spec.partition_mode == "joint":
+        log_z = torch.logsumexp(torch.cat(list(blocks.values()), dim=1), dim=1)
+    else:
+        log_z = torch.stack([torch.logsumexp(b, dim=1) for b in blocks.values()]).mean(dim=0)
+    return (log_z - positive_score).mean()
 
 
 def mnsrl(embs: Sequence[Tensor], spec: InnerSpec) -> Tensor:

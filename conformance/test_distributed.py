@@ -19,6 +19,7 @@ check with what is known after at most :data:`TIMEOUT_S` seconds, and every rank
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import multiprocessing
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 from conformance import compat, oracle, training
 from conformance.recording import assert_close_recorded
@@ -151,6 +153,11 @@ def _run_ranks(tmp_path: Path, master_model, features_per_rank, cls, cached: boo
         )
         for rank in range(WORLD)
     ]
+    return _wait_for(procs, tmp_path)
+
+
+def _wait_for(procs, tmp_path: Path) -> list[dict]:
+    """Start the forked ranks, wait for them (bounded), kill what is left; their results, or pytest.fail."""
     start = time.monotonic()
     for proc in procs:
         proc.start()
@@ -186,10 +193,10 @@ def _run_ranks(tmp_path: Path, master_model, features_per_rank, cls, cached: boo
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
-def _batch(master_model, texts):
+def _batch(master_model, texts, columns: int = COLUMNS):
     """The whole batch (both ranks' rows) and ``rank_rows(rank)``, that rank's half of every column."""
     rows = WORLD * ROWS_PER_RANK
-    batch = [compat.tokenize(master_model, col[:rows]) for col in texts[:COLUMNS]]
+    batch = [compat.tokenize(master_model, col[:rows]) for col in texts[:columns]]
 
     def rank_rows(rank: int) -> list[dict]:
         part = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
@@ -258,6 +265,118 @@ def test_ddp_gradients(cached, master_model, texts, tmp_path):
             expected = {name: sum(g[name] for g in per_rank) / WORLD for name in per_rank[0]}
         for rank, result in enumerate(results):
             assert_close_recorded(result["grads"][step], expected, what=f"step {step}, rank {rank}: DDP gradients")
+
+
+# --- the shared multi-width loss stage under DDP, gathering across devices -------------------------------
+
+SHARED_WEIGHTS = (1.0, 0.5, 2.0, 1.5)
+#: The cached losses the shared stage covers, as gathering configurations: (cached kind, inner options,
+#: the first release whose semantics the whole-batch reference describes). Before 5.6.0 CachedGISTEmbedLoss
+#: exempts column ``begin + i`` from masking on every rank, not the label's ``offset + begin + i`` (upstream
+#: PR #3817, fixed in 5.6.0), so on rank 1 its loss is not the whole batch's; without the anchor-anchor block
+#: (local anchors only) the loss of the others is.
+SHARED_GATHERING = {
+    "CMNRL": ("mnrl", {}, "5.1.0"),
+    "CMNSRL": ("mnsrl", {}, "5.1.0"),
+    "CMNRL-directions-hardness": (
+        "mnrl",
+        {
+            "directions": ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+            "hardness_mode": "in_batch_negatives",
+            "hardness_strength": 9.0,
+        },
+        "5.3.0",
+    ),
+    "CGIST-no-contrast-anchors": ("gist", {"contrast_anchors": False}, "5.6.0"),
+}
+
+
+def _shared_spec(kind: str, options: dict) -> oracle.InnerSpec:
+    if kind == "gist":
+        return oracle.InnerSpec(kind="gist", **compat.gist_semantics(**options))
+    return oracle.InnerSpec(kind=kind, **options)
+
+
+def _shared_rank_main(rank, store, out, master_model, guide, features, kind, options) -> None:
+    """One rank: MatryoshkaLoss(a gathering cached loss) under DDP, one step on the shared path and one
+    with the generic path forced; records the gradients, the all-gathers and the shared runs of each."""
+    import torch.distributed as dist
+
+    try:
+        log = os.open(Path(out) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 2)
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S)
+        )
+        model = copy.deepcopy(master_model).train()
+        spec = _shared_spec(kind, options)
+        inner = compat.make_inner_loss(spec, model, guide, cached=True, mini_batch_size=4)
+        inner.gather_across_devices = True
+        namespace = type(inner).calculate_loss.__globals__  # the module whose loss stage gathers
+        gather, gathers = namespace["all_gather_with_grad"], []
+
+        def counting_gather(tensor):
+            gathers[-1] += 1
+            return gather(tensor)
+
+        namespace["all_gather_with_grad"] = counting_gather
+        loss_fn = compat.matryoshka_loss(model, inner, DIMS, list(SHARED_WEIGHTS))
+        _under_ddp(loss_fn, model)
+        result = {"grads": [], "gathers": gathers, "shared_runs": []}
+        for generic in (False, True):
+            gathers.append(0)
+            runs = compat.shared_runs()
+            model.zero_grad(set_to_none=True)
+            with compat.generic_path() if generic else contextlib.nullcontext():
+                loss_fn([dict(f) for f in features], None).backward()
+            result["shared_runs"].append(compat.shared_runs() - runs)
+            result["grads"].append(oracle.parameter_grads(model))
+        dist.barrier()
+        dist.destroy_process_group()
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    except BaseException:  # noqa: BLE001 - reported by the parent, which fails the check
+        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
+        os._exit(1)
+
+
+@ranked[1]
+@ranked[2]
+@pytest.mark.skipif(
+    compat.SHARED is None, reason=f"no shared multi-width loss stage in {compat.ST_RELEASE} ({compat.STATE})"
+)
+@pytest.mark.parametrize("name", sorted(SHARED_GATHERING))
+def test_shared_stage_gathers_once_per_step(name, master_model, master_guide, texts, tmp_path):
+    """MatryoshkaLoss(a cached loss with ``gather_across_devices``) under DDP on 2 gloo ranks: the shared stage
+    gathers each column once per step, at full width (the generic path once per width: widths x as many),
+    and both paths give every rank the float64 reference's gradients of the whole batch."""
+    kind, options, since = SHARED_GATHERING[name]
+    if compat.ST_VERSION < Version(since):
+        pytest.skip(f"{name} gathering across devices as the whole-batch reference describes it: {since}+")
+    batch, rank_rows = _batch(master_model, texts, columns=3)
+    ctx = multiprocessing.get_context("fork")
+    args = (master_model, master_guide if kind == "gist" else None)
+    procs = [
+        ctx.Process(
+            target=_shared_rank_main,
+            args=(r, str(tmp_path / "store"), str(tmp_path), *args, rank_rows(r), kind, options),
+            daemon=True,
+        )
+        for r in range(WORLD)
+    ]
+    results = _wait_for(procs, tmp_path)
+    model = copy.deepcopy(master_model).train()
+    mat = oracle.MatryoshkaSpec(dims=DIMS, weights=SHARED_WEIGHTS, sorts_dims=compat.SORTS_DIMS)
+    expected = oracle.reference(model, batch, _shared_spec(kind, options), mat, args[1])[1]
+    for rank, result in enumerate(results):
+        assert result["shared_runs"][0] > 0 and result["shared_runs"][1] == 0, f"rank {rank}: {result['shared_runs']}"
+        shared, generic = result["gathers"]
+        assert shared > 0 and generic == len(DIMS) * shared, (
+            f"rank {rank}: {shared} all-gathers on the shared path, {generic} on the generic path; expected the "
+            f"generic path's gathers once per width ({len(DIMS)}), the shared path's once per step"
+        )
+        for path, grads in zip(("shared", "generic"), result["grads"]):
+            assert_close_recorded(grads, expected, what=f"rank {rank}, {path} path: DDP gradients")
 
 
 def _free_port() -> int:

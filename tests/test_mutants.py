@@ -115,8 +115,8 @@ MUTANTS = {
     ),
     "shared-prefix-norm-of-the-wrong-width": (
         SHARED,
-        "torch.mul(r.inv[b:e, k : k + 1] * scale, c.inv[None, :, k], out=factors[:, span])",
-        "torch.mul(r.inv[b:e, k : k + 1] * scale, c.inv[None, :, max(k - 1, 0)], out=factors[:, span])",
+        "torch.mul(r.inv[rs, k : k + 1] * scale, c.inv[None, :, k], out=factors[:, span])",
+        "torch.mul(r.inv[rs, k : k + 1] * scale, c.inv[None, :, max(k - 1, 0)], out=factors[:, span])",
         "test_cached_vs_reference",
     ),
     "shared-width-weight-dropped": (
@@ -127,8 +127,9 @@ MUTANTS = {
     ),
     "shared-loss-stage-over-the-whole-batch": (
         SHARED,
-        "    n, step = anchors.shape[0], inner.mini_batch_size",
-        "    n = step = anchors.shape[0]",
+        "    n, step = sources.tensors[anchors].shape[0], inner.mini_batch_size\n"
+        "    offset = _rank() * n if gather else 0\n    chunks = [",
+        "    n = step = sources.tensors[anchors].shape[0]\n    offset = _rank() * n if gather else 0\n    chunks = [",
         "test_loss_stage_stays_chunked",
     ),
     # MatryoshkaLoss(..., log_per_dim=True): per-width losses (conformance/test_logging.py)
@@ -192,11 +193,14 @@ MUTANTS = {
 NATIVE_VERSION = "6.2.0"
 NATIVE_MODULE = "sentence_transformers/sentence_transformer/losses/matryoshka.py"
 NATIVE_PATHS = (
+    "conformance/test_equivalence.py",
+    "conformance/test_distributed.py",
     "conformance/test_protocol.py",
     "conformance/test_adaptive_reference.py",
     "conformance/test_adaptive_layer.py",
 )
 NATIVE_LAYER_MODULE = "sentence_transformers/sentence_transformer/losses/_adaptive_layer_cache.py"
+NATIVE_SHARED_MODULE = "sentence_transformers/sentence_transformer/losses/_matryoshka_shared.py"
 
 # native-matryoshka-drive-caching-stage: a user's GradCache loss whose calculate_loss_and_cache_gradients
 # back-propagates by itself (its hook reads self.cache or rep.grad). Same shape as MUTANTS.
@@ -241,6 +245,47 @@ NATIVE_MUTANTS = {
         "    if False:",
         "test_protocol_loss_without_loss_stage_raises_clear_error",
     ),
+    # native-matryoshka-shared-loss-stage: CachedLossDecorator's dispatch to the shared multi-width stage
+    "native-shared-path-never-taken": (
+        "        shared = shared_calculate_loss(self.fn, dims_weights, reps, args, kwargs)",
+        "        shared = None",
+        "test_cached_vs_reference",
+    ),
+}
+
+# native-matryoshka-shared-loss-stage: the shared multi-width stage on a native release (6.2.0's adapters:
+# directions, partition modes, hardness; gathering across devices).
+NATIVE_SHARED_MUTANTS = {
+    "native-shared-segment-boundary-off-by-one-width": (
+        "self.bounds = [0, *self.dims]",
+        "self.bounds = [0, *self.dims[1:], self.dims[-1]]",
+        "test_cached_vs_reference",
+    ),
+    "native-shared-prefix-norm-of-the-wrong-width": (
+        "torch.mul(r.inv[rs, k : k + 1] * scale, c.inv[None, :, k], out=factors[:, span])",
+        "torch.mul(r.inv[rs, k : k + 1] * scale, c.inv[None, :, max(k - 1, 0)], out=factors[:, span])",
+        "test_cached_vs_reference",
+    ),
+    "native-shared-width-weight-dropped": (
+        "acc = grads[last].mul_(widths.weights[ks[last]] * problem.factor)",
+        "acc = grads[last].mul_(problem.factor)",
+        "test_cached_vs_reference",
+    ),
+    "native-shared-hardness-penalty-dropped": (
+        "                    scores[:, span].addcmul_(cos, block.penalty)",
+        "                    pass",
+        "test_cached_vs_reference",
+    ),
+    "native-shared-per-direction-not-averaged": (
+        "                yield [Problem(b, e, [block], 1.0 / (n * len(blocks))) for block in blocks]",
+        "                yield [Problem(b, e, [block], 1.0 / n) for block in blocks]",
+        "test_cached_vs_reference",
+    ),
+    "native-shared-gathered-rows-at-rank-0": (  # every rank scores rank 0's rows of the gathered batch
+        "    offset = _rank() * n if gather else 0\n    penalised",
+        "    offset = 0\n    penalised",
+        "test_shared_stage_gathers_once_per_step",
+    ),
 }
 
 # adaptive-layer-truncate-after-cache on a native release: the layer cache made self-contained for 6.2.0.
@@ -274,6 +319,7 @@ NATIVE_LAYER_MUTANTS = {
 ALL_NATIVE_MUTANTS = {
     **{k: (NATIVE_MODULE, *v) for k, v in NATIVE_MUTANTS.items()},
     **{k: (NATIVE_LAYER_MODULE, *v) for k, v in NATIVE_LAYER_MUTANTS.items()},
+    **{k: (NATIVE_SHARED_MODULE, *v) for k, v in NATIVE_SHARED_MUTANTS.items()},
 }
 
 #: Mutants of the AdaptiveLayerLoss layer cache (same form as MUTANTS).

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import recipes_layers as layers
 from . import recipes_log as log
 from . import recipes_native as native
+from . import recipes_shared as shared
 from .recipes import (
     ADAPTIVE_LAYER,
     LOSSES,
@@ -218,6 +219,19 @@ NATIVE_FIXES: tuple[Concern, ...] = (
         releases=">=5.4.0",
     ),
     *(_native_log(*layout) for layout in NATIVE_LOG_LAYOUTS),
+    # Performance, not correctness: last, so that every fix above can be taken without it.
+    Concern(
+        "native-matryoshka-shared-loss-stage",
+        {native.MATRYOSHKA_OLD: shared.edit_for(shared.SHARED_MODULE_OLD)},
+        (shared.SHARED_MODULE_OLD,),
+        releases="<5.4.0",
+    ),
+    Concern(
+        "native-matryoshka-shared-loss-stage",
+        {native.MATRYOSHKA_NEW: shared.edit_for(shared.SHARED_MODULE_NEW)},
+        writes={shared.SHARED_MODULE_NEW: shared.shared_module},
+        releases=">=5.4.0",
+    ),
 )
 
 

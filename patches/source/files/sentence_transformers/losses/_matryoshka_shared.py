@@ -32,6 +32,7 @@ per width and stays exact. ``ST_MATRYOSHKA_GENERIC=1`` (environment) or ``FORCE_
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections import Counter
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import Tensor, nn
 
@@ -56,9 +58,13 @@ last_workspace_elements = 0
 EPS = 1e-12
 
 
-def _autocast() -> bool:
-    cpu = getattr(torch, "is_autocast_cpu_enabled", None)
-    return torch.is_autocast_enabled() or bool(cpu and cpu())
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (or for CUDA, where older torch only reports that)."""
+    try:
+        return torch.is_autocast_enabled(device_type) or torch.is_autocast_enabled()
+    except TypeError:  # torch < 2.4: no device argument
+        cpu = getattr(torch, "is_autocast_cpu_enabled", None)
+        return torch.is_autocast_enabled() or bool(cpu and cpu())
 
 
 def generic_forced() -> bool:
@@ -70,16 +76,24 @@ def generic_forced() -> bool:
 
 @dataclass
 class Block:
-    """Scores of rows ``sources[row][begin:end]`` against all of ``sources[col]``, optionally masked."""
+    """Scores of rows ``sources[row][start:start + rows]`` against all of ``sources[col]``, optionally masked.
+
+    ``start`` is the problem's ``begin`` unless given (e.g. a chunk's positives among candidates gathered
+    across ranks). ``penalty``: a hardness term ``penalty * cos`` added to each score that carries no
+    gradient (``alpha * stop_grad(cos)``, 5.3+ MNRL), the same at every width but for the cosine itself.
+    """
 
     row: int
     col: int
     mask: Tensor | None = None  # True where the score is -inf (the same for every width)
+    start: int | None = None
+    penalty: Tensor | None = None
 
 
 @dataclass
 class Problem:
-    """One cross-entropy over the concatenated blocks; row i's label is column ``begin + i``.
+    """One cross-entropy over the concatenated blocks; row i's label is column ``label + i`` (default
+    ``begin + i``).
 
     ``factor`` multiplies the sum over rows (e.g. 1 / batch size: the release's per-chunk mean times
     the chunk's share of the batch).
@@ -89,6 +103,7 @@ class Problem:
     end: int
     blocks: list[Block]
     factor: float
+    label: int | None = None
 
 
 @dataclass
@@ -210,15 +225,15 @@ def _run_problem(
     workspace: _Workspace,
     per_width: Tensor,
 ) -> Tensor:
-    b, e = problem.begin, problem.end
-    rows = e - b
+    rows = problem.end - problem.begin
     x0 = srcs[problem.blocks[0].row].x
     spans, cols = [], 0  # each block's columns in the concatenated scores
     for block in problem.blocks:
         n = srcs[block.col].x.shape[0]
         spans.append(slice(cols, cols + n))
         cols += n
-    labels = torch.arange(b, e, device=x0.device)  # row i's label is column b + i
+    label = problem.begin if problem.label is None else problem.label
+    labels = torch.arange(label, label + rows, device=x0.device)  # row i's label is column label + i
     row_index = torch.arange(rows, device=x0.device)
     group = _group_size(widths, rows, cols)
     scores, factors, dots_buffer, *grads = workspace.get(x0, rows, cols, 3 + (group if with_grad else 1))
@@ -230,14 +245,17 @@ def _run_problem(
         for i, k in enumerate(ks):
             seg = widths.segment(k)
             for block, dot, span in zip(problem.blocks, dots, spans):
-                r, c = srcs[block.row], srcs[block.col]
+                r, c, rs = srcs[block.row], srcs[block.col], _rows(block, problem)
                 if k == 0:
-                    torch.mm(r.x[b:e, seg], c.x[:, seg].T, out=dot)
+                    torch.mm(r.x[rs, seg], c.x[:, seg].T, out=dot)
                 else:
-                    dot.addmm_(r.x[b:e, seg], c.x[:, seg].T)
+                    dot.addmm_(r.x[rs, seg], c.x[:, seg].T)
                 # scale / (|x[:d]| |y[:d]|), one factor per score, reused for the gradient
-                torch.mul(r.inv[b:e, k : k + 1] * scale, c.inv[None, :, k], out=factors[:, span])
+                torch.mul(r.inv[rs, k : k + 1] * scale, c.inv[None, :, k], out=factors[:, span])
                 torch.mul(dot, factors[:, span], out=scores[:, span])
+                if block.penalty is not None:  # + penalty * cos, without gradient
+                    cos = dot * r.inv[rs, k : k + 1] * c.inv[None, :, k]
+                    scores[:, span].addcmul_(cos, block.penalty)
                 if block.mask is not None:
                     scores[:, span].masked_fill_(block.mask, -math.inf)
             logp = _log_softmax(scores, grads[i] if with_grad else grads[0])
@@ -253,14 +271,20 @@ def _run_problem(
             g.mul_(factors)
             # d(loss)/d(1/|x[:d]|) = weight * Σ_j g_ij dot_ij |x[:d]|  (and per column likewise)
             for block, dot, span in zip(problem.blocks, dots, spans):
-                r, c = srcs[block.row], srcs[block.col]
+                r, c, rs = srcs[block.row], srcs[block.col], _rows(block, problem)
                 gd = torch.mul(g[:, span], dot, out=scores[:, span])
-                r.inv_grad[b:e, k].addcmul_(gd.sum(dim=1), r.denom[b:e, k], value=weight)
+                r.inv_grad[rs, k].addcmul_(gd.sum(dim=1), r.denom[rs, k], value=weight)
                 c.inv_grad[:, k].addcmul_(gd.sum(dim=0), c.denom[:, k], value=weight)
         if with_grad:
             _propagate(srcs, problem, widths, ks, grads, spans)
         done = ks[-1] + 1
     return total
+
+
+def _rows(block: Block, problem: Problem) -> slice:
+    """The rows of ``block``'s row source that the problem's rows are."""
+    start = problem.begin if block.start is None else block.start
+    return slice(start, start + problem.end - problem.begin)
 
 
 def _propagate(
@@ -272,26 +296,23 @@ def _propagate(
     sum of the gradients of the widths k >= j: accumulated from the widest width of the group down,
     then once for all segments below the group.
     """
-    b, e = problem.begin, problem.end
     last = len(ks) - 1
     acc = grads[last].mul_(widths.weights[ks[last]] * problem.factor)
     for i in range(last, -1, -1):
         k = ks[i]
         if i < last:
             acc.add_(grads[i], alpha=widths.weights[k] * problem.factor)
-        _segment_grad(srcs, problem, acc, spans, widths.segment(k), b, e)
+        _segment_grad(srcs, problem, acc, spans, widths.segment(k))
     if ks[0] > 0:
-        _segment_grad(srcs, problem, acc, spans, slice(0, widths.bounds[ks[0]]), b, e)
+        _segment_grad(srcs, problem, acc, spans, slice(0, widths.bounds[ks[0]]))
 
 
-def _segment_grad(
-    srcs: list[_Source], problem: Problem, acc: Tensor, spans: list[slice], seg: slice, b: int, e: int
-) -> None:
+def _segment_grad(srcs: list[_Source], problem: Problem, acc: Tensor, spans: list[slice], seg: slice) -> None:
     for block, span in zip(problem.blocks, spans):
-        r, c = srcs[block.row], srcs[block.col]
+        r, c, rs = srcs[block.row], srcs[block.col], _rows(block, problem)
         g = acc[:, span]
-        r.grad[b:e, seg].addmm_(g, c.x[:, seg])
-        c.grad[:, seg].addmm_(g.T, r.x[b:e, seg])
+        r.grad[rs, seg].addmm_(g, c.x[:, seg])
+        c.grad[:, seg].addmm_(g.T, r.x[rs, seg])
 
 
 # --- adapters: what each release's inner loss stage computes, as problems ---------------------------
@@ -323,95 +344,317 @@ def _similarity_is_cosine_or_dot(fn: Any) -> bool:
     return fn is util.cos_sim or fn is util.dot_score
 
 
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+#: ``_gather(inner)`` when the loss gathers across devices but this module cannot find the release's gather.
+_NO_GATHER_FUNCTION = object()
+
+
+def _gather(inner: nn.Module) -> Any:
+    """The release's ``all_gather_with_grad`` where ``inner`` gathers its embeddings across the ranks of an
+    initialised process group (``gather_across_devices``, 5.1.0+), else None (no process group: the release's
+    gather returns the local tensor and the rank offset is 0)."""
+    if not getattr(inner, "gather_across_devices", False):
+        return None
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    # The gather the loss stage calls: a global of the module that defines it (for a subclass, e.g. 5.3+
+    # CachedMultipleNegativesSymmetricRankingLoss, its base class's module).
+    stage = getattr(type(inner), "calculate_loss", None)
+    return getattr(stage, "__globals__", {}).get("all_gather_with_grad") or _NO_GATHER_FUNCTION
+
+
 @dataclass
 class Stage:
     """An inner loss stage expressed for :func:`run_problems`."""
 
     sources: list[Tensor]
-    source_columns: list[list[int]]  # input columns concatenated into each source, in order
+    source_columns: list[list[int]]  # input columns concatenated into each (local) source, in order
     chunks: Iterable[list[Problem]]  # computed chunk by chunk (GIST's masks are mini-batch x batch)
     scale: float
+    #: The gradients of the (gathered) sources -> the gradients of the local embeddings (None: the same).
+    to_local: Callable[[list[Tensor]], list[Tensor]] | None = None
 
 
-def _cat(reps: list[list[Tensor]], columns: list[int]) -> Tensor:
-    return torch.cat([torch.cat(reps[c]) for c in columns]).detach()
+class _Sources:
+    """The sources of a stage: each the concatenation of some input columns' full-width embeddings.
+
+    Where the loss gathers across ranks, each column is gathered once per step, at full width, with the
+    release's own gather (upstream gathers once per width, each of already truncated embeddings), and
+    the gradients of the gathered tensors go back through that gather, so every rank receives exactly
+    the gradients the release's loss stage would give it.
+    """
+
+    def __init__(self, reps: list[list[Tensor]], gather: Any, with_grad: bool) -> None:
+        self.reps = reps
+        self.gather = gather
+        self.with_grad = with_grad
+        self.tensors: list[Tensor] = []
+        self.columns: list[list[int]] = []
+        self.parts: list[list[tuple[Tensor, Tensor]] | None] = []  # per source: (local leaf, gathered)
+
+    def add(self, columns: Iterable[int], gathered: bool = True) -> int:
+        columns = list(columns)
+        local = [torch.cat(self.reps[c]).detach() for c in columns]
+        if self.gather is None or not gathered:
+            self.parts.append(None)
+            self.tensors.append(torch.cat(local) if len(local) > 1 else local[0])
+        else:
+            leaves = [t.requires_grad_(self.with_grad) for t in local]
+            with torch.set_grad_enabled(self.with_grad):
+                parts = [(leaf, self.gather(leaf)) for leaf in leaves]
+            self.parts.append(parts)
+            self.tensors.append(torch.cat([out.detach() for _, out in parts]))
+        self.columns.append(columns)
+        return len(self.tensors) - 1
+
+    def to_local(self, grads: list[Tensor]) -> list[Tensor]:
+        out = []
+        for grad, parts in zip(grads, self.parts):
+            if parts is None:
+                out.append(grad)
+                continue
+            for (_, gathered), part in zip(parts, grad.split([g.shape[0] for _, g in parts])):
+                gathered.backward(part)  # one collective per column, in the same order on every rank
+            out.append(torch.cat([leaf.grad for leaf, _ in parts]))
+        return out
+
+    def stage(self, chunks: Iterable[list[Problem]], scale: float) -> Stage:
+        gathered = any(parts is not None for parts in self.parts)
+        return Stage(self.tensors, self.columns, chunks, scale, self.to_local if gathered else None)
 
 
-def _mnrl(inner: nn.Module, reps: list[list[Tensor]], args: tuple, kwargs: dict) -> Stage | None:
-    """CachedMultipleNegativesRankingLoss 2.4.0 - 3.3.1: anchors against positives and negatives."""
-    if args or kwargs or len(reps) < 2 or not _similarity_is_cosine_or_dot(inner.similarity_fct):
+def _gathered_value(gather: Any, tensor: Tensor) -> Tensor:
+    """``tensor`` of every rank (no gradient: e.g. the guide's embeddings), gathered once per step."""
+    if gather is None:
+        return tensor
+    with torch.no_grad():
+        return gather(tensor)
+
+
+def _ranking_inputs_supported(inner: nn.Module, reps: list[list[Tensor]], args: tuple, kwargs: dict) -> bool:
+    """The MNRL family's own inputs: no extra arguments, a cosine or dot similarity, a real scale."""
+    if args or kwargs or len(reps) < 2:
+        return False
+    return _similarity_is_cosine_or_dot(inner.similarity_fct) and _is_real(inner.scale)
+
+
+def _mnrl(inner: nn.Module, reps: list[list[Tensor]], args: tuple, kwargs: dict, with_grad: bool) -> Stage | None:
+    """CachedMultipleNegativesRankingLoss 2.4.0 - 5.2.x: anchors against positives and negatives; from 5.1.0
+    with ``gather_across_devices`` against the candidates of every rank (the anchors stay local), the label
+    offset by the rank."""
+    if not (_ranking_inputs_supported(inner, reps, args, kwargs) and _is_plain_cross_entropy(inner.cross_entropy_loss)):
         return None
-    if not (_is_real(inner.scale) and _is_plain_cross_entropy(inner.cross_entropy_loss)):
+    gather = _gather(inner)
+    if gather is _NO_GATHER_FUNCTION:
         return None
-    anchors, candidates = _cat(reps, [0]), _cat(reps, list(range(1, len(reps))))
-    n, step = anchors.shape[0], inner.mini_batch_size
-    chunks = [[Problem(b, min(b + step, n), [Block(0, 1)], 1.0 / n)] for b in range(0, n, step)]
-    return Stage([anchors, candidates], [[0], list(range(1, len(reps)))], chunks, float(inner.scale))
-
-
-def _mnsrl(inner: nn.Module, reps: list[list[Tensor]], args: tuple, kwargs: dict) -> Stage | None:
-    """CachedMultipleNegativesSymmetricRankingLoss with this project's ``_symmetric_loss`` (3.1.0 - 3.3.1):
-    per chunk, anchors against all candidates and the chunk's positives against all anchors, halved."""
-    if getattr(type(inner), "_symmetric_loss", None) is None:  # the release's own (defective) formula
-        return None
-    stage = _mnrl(inner, reps, args, kwargs)
-    if stage is None:
-        return None
-    n, step = stage.sources[0].shape[0], inner.mini_batch_size
-    stage.chunks = [
-        [Problem(b, min(b + step, n), [Block(0, 1)], 0.5 / n), Problem(b, min(b + step, n), [Block(1, 0)], 0.5 / n)]
+    sources = _Sources(reps, gather, with_grad)
+    anchors, candidates = sources.add([0], gathered=False), sources.add(range(1, len(reps)))
+    n, step = sources.tensors[anchors].shape[0], inner.mini_batch_size
+    offset = _rank() * n if gather else 0
+    chunks = [
+        [Problem(b, min(b + step, n), [Block(anchors, candidates)], 1.0 / n, label=offset + b)]
         for b in range(0, n, step)
     ]
-    return stage
+    return sources.stage(chunks, float(inner.scale))
 
 
-def _gist(inner: nn.Module, reps: list[list[Tensor]], args: tuple, kwargs: dict) -> Stage | None:
-    """CachedGISTEmbedLoss 2.7.0 - 3.3.1: anchor-positive, anchor-anchor, positive-positive and
-    anchor-negative blocks; a candidate is masked where the guide scores it above the positive."""
+def _symmetric_formula(inner: nn.Module) -> bool:
+    """Whether the loss stage ranks every anchor for each positive of the chunk: this project's fix (the
+    backport's ``_symmetric_loss`` on 3.1.0 - 3.3.1, the fix series' loss stage on 3.4.0 - 5.0.0) or upstream's
+    own from 5.1.0 (#3442) - not the defective formula of the releases without them."""
+    cls = type(inner)
+    if getattr(cls, "_symmetric_loss", None) is not None:
+        return True
+    code = getattr(getattr(cls, "calculate_loss", None), "__code__", None)
+    return code is not None and "backward_scores" in code.co_varnames
+
+
+def _mnsrl(inner: nn.Module, reps: list[list[Tensor]], args: tuple, kwargs: dict, with_grad: bool) -> Stage | None:
+    """CachedMultipleNegativesSymmetricRankingLoss 3.1.0 - 5.2.x with the symmetric formula: per chunk, the
+    chunk's anchors against all candidates and the chunk's positives against all anchors, halved; from 5.1.0
+    with ``gather_across_devices`` the anchors and candidates of every rank."""
+    if not _symmetric_formula(inner) or not _ranking_inputs_supported(inner, reps, args, kwargs):
+        return None
+    if not _is_plain_cross_entropy(inner.cross_entropy_loss):
+        return None
+    gather = _gather(inner)
+    if gather is _NO_GATHER_FUNCTION:
+        return None
+    sources = _Sources(reps, gather, with_grad)
+    anchors, candidates = sources.add([0]), sources.add(range(1, len(reps)))
+    n, step = sum(r.shape[0] for r in reps[0]), inner.mini_batch_size
+    offset = _rank() * n if gather else 0
+    chunks = []
+    for b in range(offset, offset + n, step):
+        e = min(b + step, offset + n)
+        chunks.append(
+            [Problem(b, e, [Block(anchors, candidates)], 0.5 / n), Problem(b, e, [Block(candidates, anchors)], 0.5 / n)]
+        )
+    return sources.stage(chunks, float(inner.scale))
+
+
+DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+
+
+def _mnrl_directions(
+    inner: nn.Module, reps: list[list[Tensor]], args: tuple, kwargs: dict, with_grad: bool
+) -> Stage | None:
+    """CachedMultipleNegativesRankingLoss 5.3.0 - 6.2.0 (and CachedMultipleNegativesSymmetricRankingLoss, its
+    subclass there): the score blocks of ``directions`` (query -> documents, -> queries without itself;
+    document -> queries, -> documents without its own query's), one softmax over all of them ("joint") or one
+    per direction, averaged ("per_direction"); the hardness penalty ``hardness_strength * stop_grad(cos)`` on
+    the negatives ``hardness_mode`` names; with ``gather_across_devices`` queries and documents of every rank.
+    """
+    if not _ranking_inputs_supported(inner, reps, args, kwargs):
+        return None
+    directions = set(getattr(inner, "directions", ()) or ())
+    partition, hardness = getattr(inner, "partition_mode", None), getattr(inner, "hardness_mode", None)
+    strength = getattr(inner, "hardness_strength", 0.0)
+    if "query_to_doc" not in directions or not directions <= set(DIRECTIONS):
+        return None
+    if partition not in ("joint", "per_direction") or hardness not in HARDNESS_MODES or not _is_real(strength):
+        return None
+    if partition == "per_direction" and directions & {"query_to_query", "doc_to_doc"}:
+        return None  # the release refuses it (the positive is in neither block)
+    gather = _gather(inner)
+    if gather is _NO_GATHER_FUNCTION:
+        return None
+    sources = _Sources(reps, gather, with_grad)
+    queries, docs = sources.add([0]), sources.add(range(1, len(reps)))
+    n, step = sum(r.shape[0] for r in reps[0]), inner.mini_batch_size
+    world, num_docs = sources.tensors[queries].shape[0], len(reps) - 1
+    offset = _rank() * n if gather else 0
+    penalised = hardness if hardness is not None and strength > 0.0 else None
+    x = sources.tensors[queries]
+
+    def chunks() -> Iterator[list[Problem]]:
+        for b in range(offset, offset + n, step):
+            e = min(b + step, offset + n)
+            own = torch.zeros(e - b, world, dtype=torch.bool, device=x.device)  # each row's own column
+            own[torch.arange(e - b, device=x.device), torch.arange(b, e, device=x.device)] = True
+            penalty = None
+            if penalised is not None:
+                penalty = _hardness_penalty(penalised, own, num_docs).to(x.dtype).mul_(strength)
+            blocks = [Block(queries, docs, start=b, penalty=penalty)]
+            if "query_to_query" in directions:
+                blocks.append(Block(queries, queries, mask=own, start=b))
+            if "doc_to_query" in directions:
+                blocks.append(Block(docs, queries, start=b))  # the rows are the chunk's positives
+            if "doc_to_doc" in directions:
+                blocks.append(Block(docs, docs, mask=own.repeat(1, num_docs), start=b))
+            if partition == "joint":
+                yield [Problem(b, e, blocks, 1.0 / n)]
+            else:  # the positive is column b + i of every block
+                yield [Problem(b, e, [block], 1.0 / (n * len(blocks))) for block in blocks]
+
+    return sources.stage(chunks(), float(inner.scale))
+
+
+def _hardness_penalty(mode: str, own: Tensor, num_docs: int) -> Tensor:
+    """Where the hardness penalty applies among the query -> documents scores (True), per ``hardness_mode``."""
+    own_docs = own.repeat(1, num_docs)  # the row's positive and its own hard negatives
+    if mode == "hard_negatives":
+        own_docs[:, : own.shape[1]] = False
+        return own_docs
+    if mode == "in_batch_negatives":
+        return ~own_docs
+    penalised = torch.ones_like(own_docs)  # all_negatives: every score but the positive
+    penalised[:, : own.shape[1]] = ~own
+    return penalised
+
+
+#: GISTEmbedLoss semantics that changed between releases (the releases that have them).
+GIST_PROTECTS_POSITIVE = ">=4.1.0"  # margin_strategy / margin, and the positive exempt from masking
+GIST_RELATIVE_MARGIN_OF_ABS = ">=5.6.0"  # "relative": g > g_pos - |g_pos| * m (before: g > g_pos * (1 - m))
+GIST_PROTECTS_LABEL_COLUMN = ">=5.6.0"  # the exempt column is the label's (before: begin + i, also when gathered)
+
+
+def _gist(inner: nn.Module, reps: list[list[Tensor]], args: tuple, kwargs: dict, with_grad: bool) -> Stage | None:
+    """CachedGISTEmbedLoss 2.7.0 - 6.2.0: anchor-positive, anchor-anchor, positive-positive and anchor-negative
+    blocks (anchor-anchor and positive-positive switchable from 5.1.0); a candidate is masked where the guide
+    scores it above the positive (less a margin from 4.1.0, which exempts the positive itself); from 5.1.0
+    with ``gather_across_devices`` against the candidates (and guide embeddings) of every rank."""
     if kwargs or len(args) != 1:
         return None
     guided = args[0]
-    if len(guided) != len(reps) or not 2 <= len(reps) <= (3 if _release() < Version("3.2.0") else len(reps)):
+    release = _release()
+    max_columns = 3 if release < Version("3.2.0") else len(reps)
+    if not isinstance(guided, (list, tuple)) or len(guided) != len(reps) or not 2 <= len(reps) <= max_columns:
         return None
     sim = inner.similarity_fct
     if not (type(sim) is nn.CosineSimilarity and sim.dim == -1 and _is_plain_cross_entropy(inner.cross_entropy_loss)):
         return None
+    strategy, margin = getattr(inner, "margin_strategy", "absolute"), getattr(inner, "margin", 0.0)
+    if strategy not in ("absolute", "relative") or not _is_real(margin):
+        return None
     if not (_is_real(inner.temperature) and inner.temperature != 0):
         return None
-    sources = [_cat(reps, [c]) for c in range(len(reps))]
-    guide = [torch.cat(g, dim=0) for g in guided]
-    n, step = sources[0].shape[0], inner.mini_batch_size
+    gather = _gather(inner)
+    if gather is _NO_GATHER_FUNCTION:
+        return None
+    sources = _Sources(reps, gather, with_grad)
+    anchors = sources.add([0], gathered=False)
+    candidates = [sources.add([c]) for c in range(1, len(reps))]
+    guide = [torch.cat(guided[0], dim=0)] + [_gathered_value(gather, torch.cat(g, dim=0)) for g in guided[1:]]
+    n, step = sources.tensors[anchors].shape[0], inner.mini_batch_size
+    offset = _rank() * n if gather else 0
+    contrast_anchors, contrast_positives = (
+        getattr(inner, "contrast_anchors", True),
+        getattr(inner, "contrast_positives", True),
+    )
+    protects = release in SpecifierSet(GIST_PROTECTS_POSITIVE)
+    relative_of_abs = release in SpecifierSet(GIST_RELATIVE_MARGIN_OF_ABS)
+    protected_start = offset if release in SpecifierSet(GIST_PROTECTS_LABEL_COLUMN) else 0
 
     def chunks() -> Iterator[list[Problem]]:
         for b in range(0, n, step):
-            e = b + step
+            e = min(b + step, n)
             # The release's own guide similarities and masks, once for every width.
             guided_ap = inner.sim_matrix(guide[0][b:e], guide[1])
-            threshold = guided_ap.diagonal(offset=b).view(-1, 1)
-            blocks = [
-                Block(0, 1, guided_ap > threshold),
-                Block(0, 0, inner.sim_matrix(guide[0][b:e], guide[0]) > threshold),
-                Block(1, 1, inner.sim_matrix(guide[1][b:e], guide[1]) > threshold),
-            ]
-            blocks += [Block(0, i, inner.sim_matrix(guide[0][b:e], guide[i]) > threshold) for i in range(2, len(reps))]
-            yield [Problem(b, min(e, n), blocks, 1.0 / n)]
+            positive = guided_ap.diagonal(offset=offset + b).view(-1, 1)
+            if strategy == "absolute":
+                threshold = positive - margin
+            elif relative_of_abs:
+                threshold = positive - positive.abs() * margin
+            else:
+                threshold = positive * (1 - margin)
+            ap_mask = guided_ap > threshold
+            if protects:
+                rows = torch.arange(e - b, device=ap_mask.device)
+                ap_mask[rows, protected_start + b + rows] = False
+            blocks = [Block(anchors, candidates[0], ap_mask)]
+            if contrast_anchors:
+                blocks.append(Block(anchors, anchors, inner.sim_matrix(guide[0][b:e], guide[0]) > threshold))
+            if contrast_positives:
+                own = guide[1][offset + b : offset + e]
+                blocks.append(
+                    Block(candidates[0], candidates[0], inner.sim_matrix(own, guide[1]) > threshold, offset + b)
+                )
+            for i in range(1, len(candidates)):
+                negatives = inner.sim_matrix(guide[0][b:e], guide[i + 1]) > threshold
+                blocks.append(Block(anchors, candidates[i], negatives))
+            yield [Problem(b, e, blocks, 1.0 / n, label=offset + b)]
 
-    return Stage(sources, [[c] for c in range(len(reps))], chunks(), 1.0 / inner.temperature)
+    return sources.stage(chunks(), 1.0 / inner.temperature)
 
 
-#: class name -> (releases, adapter, loss-stage methods it reproduces).
-Adapter = Callable[[nn.Module, list, tuple, dict], "Stage | None"]
+#: class name -> (releases, adapter) of the release's own loss stage.
+Adapter = Callable[[nn.Module, list, tuple, dict, bool], "Stage | None"]
 VARIANTS: dict[str, list[tuple[str, Adapter]]] = {
-    "CachedMultipleNegativesRankingLoss": [(">=2.4.0,<3.4.0", _mnrl)],
-    "CachedMultipleNegativesSymmetricRankingLoss": [(">=3.1.0,<3.4.0", _mnsrl)],
-    "CachedGISTEmbedLoss": [(">=2.7.0,<3.4.0", _gist)],
+    "CachedMultipleNegativesRankingLoss": [(">=2.4.0,<5.3.0", _mnrl), (">=5.3.0,<6.3.0", _mnrl_directions)],
+    "CachedMultipleNegativesSymmetricRankingLoss": [(">=3.1.0,<5.3.0", _mnsrl), (">=5.3.0,<6.3.0", _mnrl_directions)],
+    "CachedGISTEmbedLoss": [(">=2.7.0,<6.3.0", _gist)],
 }
 METHODS = ("calculate_loss_and_cache_gradients", "calculate_loss")
 
 
 def _variant(class_name: str) -> Adapter | None:
-    from packaging.specifiers import SpecifierSet
-
     release = _release()
     for releases, adapter in VARIANTS.get(class_name, []):
         if release in SpecifierSet(releases):
@@ -431,6 +674,8 @@ def _adapter(inner: nn.Module, method: Callable[..., Any]) -> Adapter | None:
     name = getattr(method, "__name__", None)
     if name not in METHODS or getattr(method, "__func__", None) is not getattr(cls, name, None):
         return None  # not the release's own loss-stage method
+    if getattr(method, "__self__", None) is not inner:
+        return None
     return _variant(cls.__name__)
 
 
@@ -455,6 +700,39 @@ def loss_stage(
     return result
 
 
+def calculate_loss(
+    method: Callable[..., Tensor],
+    dims_weights: Sequence[tuple[int, float]],
+    reps: list[list[Tensor]],
+    args: tuple,
+    kwargs: dict,
+) -> SharedStage | None:
+    """For native MatryoshkaLoss (3.4.0+), whose CachedLossDecorator stands in for the inner loss's
+    ``calculate_loss(reps, ..., with_backward=...)``: that call, ``method(reps, *args, **kwargs)``, for every
+    width at once. With ``with_backward`` the gradients are added to ``rep.grad`` of the cached embeddings,
+    as the release's own ``calculate_loss`` leaves them. None: not covered, the caller loops over the widths.
+    """
+    result = None
+    try:
+        bound = inspect.signature(method).bind(reps, *args, **kwargs)
+    except (TypeError, ValueError):
+        bound = None
+    if bound is not None:
+        arguments = list(bound.arguments.items())[1:]  # after reps
+        with_backward = bool(dict(arguments).get("with_backward", False))
+        # The in-batch losses ignore their labels (5.7+ passes them); everything else is the stage's own input.
+        rest = tuple(value for name, value in arguments if name not in ("with_backward", "labels"))
+        if with_backward == torch.is_grad_enabled():  # else the release's own stage raises, or returns a graph
+            result = _loss_stage(method, with_backward, getattr(method, "__self__", None), dims_weights, reps, *rest)
+    path_counts["generic" if result is None else "shared"] += 1
+    if result is not None and result.grads is not None:
+        for rs, gs in zip(reps, result.grads):
+            for r, g in zip(rs, gs):
+                if r.requires_grad and r.is_leaf:
+                    r.grad = g if r.grad is None else r.grad + g
+    return result
+
+
 def _loss_stage(
     method: Callable[..., Tensor],
     caching: bool,
@@ -464,20 +742,20 @@ def _loss_stage(
     *args: Any,
     **kwargs: Any,
 ) -> SharedStage | None:
-    if generic_forced() or not dims_weights:
+    if generic_forced() or not dims_weights or not isinstance(inner, nn.Module):
         return None
     adapter = _adapter(inner, method)
     if adapter is None or not reps or not all(reps):
         return None
     first = reps[0][0]
     width = first.shape[-1]
-    if first.dtype not in (torch.float32, torch.float64) or _autocast():
+    if first.dtype not in (torch.float32, torch.float64) or _autocast(first.device.type):
         return None  # the release's loss stage would compute in a lower precision: keep its numerics
     if any(r.dim() != 2 or r.dtype != first.dtype or r.device != first.device for rs in reps for r in rs):
         return None
     if any(not isinstance(d, int) or not 1 <= d <= width or not _is_real(w) for d, w in dims_weights):
         return None
-    stage = adapter(inner, reps, args, kwargs)
+    stage = adapter(inner, reps, args, kwargs, caching)
     if stage is None:
         return None
     widths = Widths(dims_weights)
@@ -486,6 +764,8 @@ def _loss_stage(
     losses = dict(zip(widths.dims, per_width.unbind()))
     if grads is None:
         return SharedStage(total, None, losses)
+    if stage.to_local is not None:
+        grads = stage.to_local(grads)
     cache: list[list[Tensor]] = [[] for _ in reps]
     for grad, columns in zip(grads, stage.source_columns):
         sizes = [sum(r.shape[0] for r in reps[c]) for c in columns]
