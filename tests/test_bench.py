@@ -18,6 +18,7 @@ def test_quick_plan_covers_every_environment_and_variant():
     assert stage and step
     variants = {v for c in configs for v in c.variants}
     assert {"shared", "generic", "noncached", "cached@3.3.1", "upstream@3.4.0", "upstream@6.2.0"} <= variants
+    assert {"shared@6.2.0-series", "fixes@6.2.0-fixes"} <= variants  # 6.2.0 with and without the shared stage
 
 
 def test_full_plan_sweeps_batch_and_widths_and_has_the_targets():
@@ -56,6 +57,12 @@ def test_make_bench_quick(tmp_path):
                 assert cells[f"upstream@{version}"]["release"] == version
                 assert res["ratios"][f"upstream@{version}/cached"] > 0
         assert res["ratios"]["shared/cached"] > 0 and res["ratios"]["generic/cached"] > 0
+        # 6.2.0's fix series takes the shared stage; without its last patch there is no shared stage at all.
+        series = cells["shared@6.2.0-series"]
+        assert series["release"] == "6.2.0" and series["paths"].get("shared", 0) > 0
+        assert not series["paths"].get("generic")
+        if "fixes@6.2.0-fixes" in cells:
+            assert cells["fixes@6.2.0-fixes"]["release"] == "6.2.0" and cells["fixes@6.2.0-fixes"]["paths"] == {}
     markdown = (out / "bench.md").read_text()
     assert "## Targets" in markdown and "## Measurements" in markdown
     assert (out / "stage_vs_batch.png").stat().st_size > 0

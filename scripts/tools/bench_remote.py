@@ -67,7 +67,7 @@ SETS = {
         "annotated_doc==0.0.7",
     ),
 }
-SET_OF = {"3.3.1": "tf4", "3.4.0": "tf4", "6.2.0": "tf5"}
+SET_OF = {"3.3.1": "tf4", "3.4.0": "tf4", "6.2.0": "tf5", "6.2.0-series": "tf5", "6.2.0-fixes": "tf5"}
 #: Distributions without an abi3 or pure-Python wheel: per CPython version the newest wheel that fits the
 #: minimum (releases drop old Pythons, so one exact version has no wheel for every one).
 COMPILED = {"charset_normalizer", "pyyaml", "regex"}

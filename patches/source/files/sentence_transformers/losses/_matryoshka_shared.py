@@ -1,9 +1,11 @@
 """One loss stage for every Matryoshka width: MatryoshkaLoss around the built-in cached losses.
 
-Truncate-after-cache (``_matryoshka_cache.py``) calls the inner loss stage once per Matryoshka width
-on truncated, re-normalised copies of the cached embeddings. Every width thereby recomputes a
-similarity product at that width, a softmax and a backward per mini-batch, plus a backward through
-each truncation. The widths are prefixes of one vector, so most of that work is shared:
+Truncate-after-cache (``_matryoshka_cache.py`` on 2.4.0 - 3.3.1, native MatryoshkaLoss's
+``CachedLossDecorator`` from 3.4.0) calls the inner loss stage once per Matryoshka width on truncated,
+re-normalised copies of the cached embeddings. Every width thereby recomputes a similarity product at
+that width, a softmax and a backward per mini-batch, plus a backward through each truncation (and,
+gathering across devices, an all-gather of every column). The widths are prefixes of one vector, so
+most of that work is shared:
 
 - the dot product at width d is the sum of the dot products of the width segments below d: one
   product per segment (together one full-width product), summed cumulatively, gives the dot
@@ -11,7 +13,9 @@ each truncation. The widths are prefixes of one vector, so most of that work is 
   ``cos_d(x, y) = (x[:d] . y[:d]) / (|x[:d]| |y[:d]|)`` needs no truncated copies and no second
   normalisation (the inner cosine similarity of a re-normalised vector is the dot product);
 - what does not depend on the width is computed once: CachedGISTEmbedLoss's guide similarities
-  and false-negative masks (the guide is never truncated);
+  and false-negative masks (the guide is never truncated), the direction masks and hardness
+  selections of the 5.3+ ranking loss, and the all-gather of every column (once per step, at full
+  width, through the release's own ``all_gather_with_grad``, which the gradients go back through);
 - the gradient is written by hand: per width the softmax minus the one-hot label, weighted, scaled
   back to the dot products; the reverse cumulative sum over widths gives each segment's gradient,
   so the backward is again one product per segment; the norm terms are added once at the end.
@@ -23,11 +27,16 @@ so that the score tensors alive at once stay bounded at large batch sizes.
 Which configurations take this path: an inner loss whose class is one of the release's own cached
 losses listed in :data:`VARIANTS` for this release, with the release's own loss-stage method, a
 similarity of ``util.cos_sim`` / ``util.dot_score`` (MNRL family), a plain ``nn.CrossEntropyLoss``,
-float32/float64 embeddings and widths between 1 and the embedding width. Anything else - a user's
-own similarity function or loss, a subclass, an unknown option or release - returns
+float32/float64 embeddings outside autocast and widths between 1 and the embedding width. Anything
+else - a user's own similarity function or loss, a subclass, an unknown option or release - returns
 None and takes the generic per-width path, which calls the release's own loss stage
 per width and stays exact. ``ST_MATRYOSHKA_GENERIC=1`` (environment) or ``FORCE_GENERIC = True``
 (this module) forces the generic path; :data:`path_counts` counts which path ran.
+
+Entry points: :func:`loss_stage` for the backport's driver (the outermost loss-stage call of the
+GradCache protocol), :func:`calculate_loss` for a native release's ``CachedLossDecorator``. The module
+imports nothing of sentence-transformers at import time, so the same file serves every release and
+both package layouts.
 """
 
 from __future__ import annotations
