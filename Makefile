@@ -57,7 +57,7 @@ test-fast: ## the project's tests without the ones that create environments or d
 	$(PYTHON) -m pytest tests -n $(JOBS) -m "not slow"
 
 .PHONY: matrix
-matrix: ## conformance suite per release, JOBS at a time, resumable: VERSIONS="3.3.1 5.3.0" LANE=newest|oldest|both FORCE=1 RECREATE=1
+matrix: ## conformance suite per release, JOBS at a time, resumable: VERSIONS="3.3.1 5.3.0" LANE=newest|oldest|upstream|generic|both FORCE=1 RECREATE=1
 	$(PYTHON) -m tools.matrix --lane $(or $(LANE),newest) $(if $(VERSIONS),--versions "$(VERSIONS)") \
 		$(if $(filter command line environment,$(origin JOBS)),--jobs $(JOBS)) \
 		$(if $(filter-out 0,$(FORCE)),--force) $(if $(filter-out 0,$(RECREATE)),--recreate)
@@ -83,6 +83,10 @@ tox.ini: ## regenerate tox.ini from releases.toml
 .PHONY: readme
 readme: ## regenerate the README's support and patch tables from the manifest and the concerns
 	$(PYTHON) -m tools.readme
+
+.PHONY: upstream-pr
+upstream-pr: ## regenerate patches/upstream/matryoshka-shared-loss-stage/ (the shared loss stage as a pull request to upstream)
+	$(PYTHON) -m tools.upstream_pr
 
 .PHONY: generate
 generate: $(DEV_STAMP) ## regenerate everything generated: the series and manifest, tox.ini and the workflow, the README tables

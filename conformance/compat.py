@@ -170,6 +170,11 @@ def _shared_module():
 
 #: The series' shared multi-width loss stage, where the importable package has it.
 SHARED = _shared_module()
+#: The ``generic`` lane (env.GENERIC_LANE): the whole suite with the shared stage switched off, on the generic
+#: per-width path that every configuration the shared stage does not cover takes.
+GENERIC_LANE = env.GENERIC_LANE
+if GENERIC_LANE and SHARED is not None:
+    SHARED.FORCE_GENERIC = True
 
 
 def shared_runs() -> int:

@@ -162,6 +162,7 @@ def pytest_report_header(config):
     return [
         f"conformance: sentence-transformers {env.RELEASE} ({env.STATE}), torch {torch.__version__}, "
         f"registry {'IGNORED' if registry.ignored() else 'applied'}"
+        + (", generic per-width path forced (CONFORMANCE_GENERIC)" if env.GENERIC_LANE else "")
     ]
 
 
@@ -275,6 +276,7 @@ def pytest_sessionfinish(session, exitstatus):
         "transformers": importlib.metadata.version("transformers"),
         "python": platform.python_version(),
         "registry_ignored": registry.ignored(),
+        "generic_path_forced": env.GENERIC_LANE,
         "exitstatus": int(exitstatus),
         "defects": {d.id: {"reason": d.reason, "upstream": d.upstream} for d in active},
         "checks": sorted(_RESULTS.values(), key=lambda e: e["id"]),

@@ -103,4 +103,7 @@ def applied_series() -> dict | None:
 
 RELEASE = _release()
 STATE = detect_state()
+#: ``CONFORMANCE_GENERIC=1`` (the ``generic`` lane): the series' shared multi-width loss stage switched off for the
+#: whole run, so every check runs on the generic per-width path (compat.py switches it off after the import).
+GENERIC_LANE = os.environ.get("CONFORMANCE_GENERIC", "").strip() not in ("", "0")
 SERIES = applied_series()

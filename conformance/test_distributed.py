@@ -345,6 +345,7 @@ def _shared_rank_main(rank, store, out, master_model, guide, features, kind, opt
 @pytest.mark.skipif(
     compat.SHARED is None, reason=f"no shared multi-width loss stage in {compat.ST_RELEASE} ({compat.STATE})"
 )
+@pytest.mark.skipif(compat.GENERIC_LANE, reason="generic lane: the shared stage is switched off (CONFORMANCE_GENERIC)")
 @pytest.mark.parametrize("name", sorted(SHARED_GATHERING))
 def test_shared_stage_gathers_once_per_step(name, master_model, master_guide, texts, tmp_path):
     """MatryoshkaLoss(a cached loss with ``gather_across_devices``) under DDP on 2 gloo ranks: the shared stage

@@ -3,7 +3,8 @@
 Each generator renders its files from their sources and, with ``--check``, fails naming what differs
 instead of writing. In dependency order: the series and the manifest (from ``patches/source/``, the
 concerns and ``releases.toml``), tox.ini and the CI workflow (from ``releases.toml``), the README's
-tables (from the manifest and the concerns).
+tables (from the manifest and the concerns), the upstream pull request of the shared loss stage (from
+its module and the fix series' recipe).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from . import readme, series, toxgen
+from . import readme, series, toxgen, upstream_pr
 
 GENERATORS: tuple[tuple[str, Callable[[list[str]], int]], ...] = (
     ("patches/series/, patches/manifest.json  (make series)", series.main),
     ("tox.ini, .github/workflows/matrix.yml  (make tox.ini)", toxgen.main),
     ("README.md support and patch tables  (make readme)", readme.main),
+    ("patches/upstream/matryoshka-shared-loss-stage/  (make upstream-pr)", upstream_pr.main),
 )
 
 

@@ -1,6 +1,6 @@
 """Run the conformance suite on many releases in parallel (``make matrix``).
 
-    python -m tools.matrix [--versions "3.3.1 5.3.0"] [--lane newest|oldest|upstream|both]
+    python -m tools.matrix [--versions "3.3.1 5.3.0"] [--lane newest|oldest|upstream|generic|both]
                                       [--jobs N] [--force] [--recreate] [--dry-run]
 
 Each release runs its tox environment (``st-<version>`` or ``st-<version>-oldest``, see tox.ini):

