@@ -96,18 +96,25 @@ def _under_ddp(loss_fn, model):
     loss_fn.loss.model = wrapped
 
 
+def _join(rank: int, store: str, out: str) -> None:
+    """A forked rank joins the gloo group; its stderr goes to ``rank<r>.log`` (a rank that aborts - gloo throws
+    from C++ - says why only there)."""
+    import torch.distributed as dist
+
+    log = os.open(Path(out) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 2)
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S)
+    )
+
+
 def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cached: bool, ddp: bool) -> None:
     """One rank: join the group, run the steps, write ``rank<r>.pt`` (or ``rank<r>.err``), leave."""
     import torch.distributed as dist
 
     try:
-        # A rank that aborts (gloo throws from C++) says why only on stderr: keep it for the report.
-        log = os.open(Path(out) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(log, 2)
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S)
-        )
+        _join(rank, store, out)
         random.seed(SEEDS[rank])
         model = copy.deepcopy(master_model).train()
         steps: list[list[int]] = []
@@ -303,12 +310,7 @@ def _shared_rank_main(rank, store, out, master_model, guide, features, kind, opt
     import torch.distributed as dist
 
     try:
-        log = os.open(Path(out) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(log, 2)
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S)
-        )
+        _join(rank, store, out)
         model = copy.deepcopy(master_model).train()
         spec = _shared_spec(kind, options)
         inner = compat.make_inner_loss(spec, model, guide, cached=True, mini_batch_size=4)

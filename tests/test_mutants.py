@@ -128,8 +128,9 @@ MUTANTS = {
     "shared-loss-stage-over-the-whole-batch": (
         SHARED,
         "    n, step = sources.tensors[anchors].shape[0], inner.mini_batch_size\n"
-        "    offset = _rank() * n if gather else 0\n    chunks = [",
-        "    n = step = sources.tensors[anchors].shape[0]\n    offset = _rank() * n if gather else 0\n    chunks = [",
+        "    offset = _rank() * n if sources.gather else 0\n    chunks = [",
+        "    n = step = sources.tensors[anchors].shape[0]\n"
+        "    offset = _rank() * n if sources.gather else 0\n    chunks = [",
         "test_loss_stage_stays_chunked",
     ),
     # MatryoshkaLoss(..., log_per_dim=True): per-width losses (conformance/test_logging.py)
@@ -282,7 +283,7 @@ NATIVE_SHARED_MUTANTS = {
         "test_cached_vs_reference",
     ),
     "native-shared-gathered-rows-at-rank-0": (  # every rank scores rank 0's rows of the gathered batch
-        "    offset = _rank() * n if gather else 0\n    penalised",
+        "    offset = _rank() * n if sources.gather else 0\n    penalised",
         "    offset = 0\n    penalised",
         "test_shared_stage_gathers_once_per_step",
     ),

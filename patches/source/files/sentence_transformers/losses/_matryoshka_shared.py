@@ -437,6 +437,13 @@ class _Sources:
         return Stage(self.tensors, self.columns, chunks, scale, self.to_local if gathered else None)
 
 
+def _sources(inner: nn.Module, reps: list[list[Tensor]], with_grad: bool) -> _Sources | None:
+    """The stage's sources, gathered where ``inner`` gathers across devices; None where the release's gather
+    cannot be found (the generic path then calls the release's stage, which finds it)."""
+    gather = _gather(inner)
+    return None if gather is _NO_GATHER_FUNCTION else _Sources(reps, gather, with_grad)
+
+
 def _gathered_value(gather: Any, tensor: Tensor) -> Tensor:
     """``tensor`` of every rank (no gradient: e.g. the guide's embeddings), gathered once per step."""
     if gather is None:
@@ -458,13 +465,12 @@ def _mnrl(inner: nn.Module, reps: list[list[Tensor]], args: tuple, kwargs: dict,
     offset by the rank."""
     if not (_ranking_inputs_supported(inner, reps, args, kwargs) and _is_plain_cross_entropy(inner.cross_entropy_loss)):
         return None
-    gather = _gather(inner)
-    if gather is _NO_GATHER_FUNCTION:
+    sources = _sources(inner, reps, with_grad)
+    if sources is None:
         return None
-    sources = _Sources(reps, gather, with_grad)
     anchors, candidates = sources.add([0], gathered=False), sources.add(range(1, len(reps)))
     n, step = sources.tensors[anchors].shape[0], inner.mini_batch_size
-    offset = _rank() * n if gather else 0
+    offset = _rank() * n if sources.gather else 0
     chunks = [
         [Problem(b, min(b + step, n), [Block(anchors, candidates)], 1.0 / n, label=offset + b)]
         for b in range(0, n, step)
@@ -491,13 +497,12 @@ def _mnsrl(inner: nn.Module, reps: list[list[Tensor]], args: tuple, kwargs: dict
         return None
     if not _is_plain_cross_entropy(inner.cross_entropy_loss):
         return None
-    gather = _gather(inner)
-    if gather is _NO_GATHER_FUNCTION:
+    sources = _sources(inner, reps, with_grad)
+    if sources is None:
         return None
-    sources = _Sources(reps, gather, with_grad)
     anchors, candidates = sources.add([0]), sources.add(range(1, len(reps)))
     n, step = sum(r.shape[0] for r in reps[0]), inner.mini_batch_size
-    offset = _rank() * n if gather else 0
+    offset = _rank() * n if sources.gather else 0
     chunks = []
     for b in range(offset, offset + n, step):
         e = min(b + step, offset + n)
@@ -531,14 +536,13 @@ def _mnrl_directions(
         return None
     if partition == "per_direction" and directions & {"query_to_query", "doc_to_doc"}:
         return None  # the release refuses it (the positive is in neither block)
-    gather = _gather(inner)
-    if gather is _NO_GATHER_FUNCTION:
+    sources = _sources(inner, reps, with_grad)
+    if sources is None:
         return None
-    sources = _Sources(reps, gather, with_grad)
     queries, docs = sources.add([0]), sources.add(range(1, len(reps)))
     n, step = sum(r.shape[0] for r in reps[0]), inner.mini_batch_size
     world, num_docs = sources.tensors[queries].shape[0], len(reps) - 1
-    offset = _rank() * n if gather else 0
+    offset = _rank() * n if sources.gather else 0
     penalised = hardness if hardness is not None and strength > 0.0 else None
     x = sources.tensors[queries]
 
@@ -604,15 +608,14 @@ def _gist(inner: nn.Module, reps: list[list[Tensor]], args: tuple, kwargs: dict,
         return None
     if not (_is_real(inner.temperature) and inner.temperature != 0):
         return None
-    gather = _gather(inner)
-    if gather is _NO_GATHER_FUNCTION:
+    sources = _sources(inner, reps, with_grad)
+    if sources is None:
         return None
-    sources = _Sources(reps, gather, with_grad)
     anchors = sources.add([0], gathered=False)
     candidates = [sources.add([c]) for c in range(1, len(reps))]
-    guide = [torch.cat(guided[0], dim=0)] + [_gathered_value(gather, torch.cat(g, dim=0)) for g in guided[1:]]
+    guide = [torch.cat(guided[0], dim=0)] + [_gathered_value(sources.gather, torch.cat(g, dim=0)) for g in guided[1:]]
     n, step = sources.tensors[anchors].shape[0], inner.mini_batch_size
-    offset = _rank() * n if gather else 0
+    offset = _rank() * n if sources.gather else 0
     contrast_anchors, contrast_positives = (
         getattr(inner, "contrast_anchors", True),
         getattr(inner, "contrast_positives", True),
