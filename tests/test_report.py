@@ -328,3 +328,21 @@ def test_html_report_opens_in_chromium_without_console_errors(tmp_path):
     broken.write_text(text.replace("</body>", "<script>console.error('broken'); no_such_function();</script></body>"))
     _png, console = _open_in_chromium(broken, tmp_path)
     assert any('"broken"' in ln for ln in console) and any("no_such_function" in ln for ln in console), console
+
+
+def test_the_report_includes_the_benchmark_targets(tmp_path):
+    """``make bench``'s targets reach the report (a real plan's keys; one configuration measured)."""
+    bench_dir = tmp_path / "bench"
+    bench_dir.mkdir()
+    measured = {"key": "stage-none-b1024-mb32-w5", "config": {}, "cells": {}, "ratios": {"shared/cached": 0.44}}
+    data = {"device": "cpu", "threads": 1, "rounds": 3, "started": "2026-12-04T02:30", "wall_s": 9.0}
+    (bench_dir / "bench.json").write_text(json.dumps({**data, "results": [measured]}))
+    out, runs = tmp_path / "report", str(_results(tmp_path))
+    assert report.main(["--results", runs, "--out", str(out), "--bench", str(bench_dir)]) == 0
+    md = (out / "report.md").read_text()
+    assert "### Benchmark: MatryoshkaLoss(cached) (cpu, 1 thread, 3 round(s)" in md
+    assert "| stage b1024/mb32, 5 widths: (b)/(a) | 0.440 | <= 1.4 | yes |" in md
+    assert "| stage b1024/mb32, 8 widths: (b)/(a) | - | <= 1.7 | not measured |" in md
+    assert "<td>stage b1024/mb32, 5 widths: (b)/(a)</td><td>0.440</td>" in (out / "report.html").read_text()
+    assert report.main(["--results", runs, "--out", str(out), "--bench", str(tmp_path)]) == 0
+    assert "### Benchmark" not in (out / "report.md").read_text()  # no bench.json there

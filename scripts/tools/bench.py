@@ -807,11 +807,15 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def title(data: dict) -> str:
+    """What ran, in one line: the device, threads, rounds, when and how long."""
+    threads = f", {data['threads']} thread" if data.get("threads") else ""
+    return f"{data['device']}{threads}, {data['rounds']} round(s), {data['started']}, {data['wall_s']} s"
+
+
 def markdown(data: dict) -> str:
     lines = [
-        f"# MatryoshkaLoss(cached) benchmark ({data['device']}"
-        + (f", {data['threads']} thread" if data.get("threads") else "")
-        + f", {data['rounds']} round(s), {data['started']}, {data['wall_s']} s)",
+        f"# MatryoshkaLoss(cached) benchmark ({title(data)})",
         "",
         "(a) cached alone, (b) shared multi-width path, (c) generic per-width path forced, (d) upstream's native"
         " MatryoshkaLoss(cached), (e) MatryoshkaLoss(non-cached). Times: median seconds per step; ratios against"

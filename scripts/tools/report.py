@@ -15,7 +15,9 @@ The Markdown fits a PR comment / job summary and reads top-down in a minute:
 3. the failing checks grouped by message (numbers masked), with the releases each group hits;
 4. the expected failures grouped by upstream defect, with the link and the releases per lane
    (consecutive releases folded into ranges);
-5. the run × check grid (checks grouped by test function; a cell aggregates its parametrisations)
+5. where ``make bench`` has written ``bench/bench.json``: the benchmark's targets and whether this
+   run met them (``--bench DIR``);
+6. the run × check grid (checks grouped by test function; a cell aggregates its parametrisations)
    in a collapsed block, consecutive runs of a lane with identical rows folded into one.
 
 "Float64 difference" excludes the float32 checks (``float32`` in the check id): they have their own
@@ -27,6 +29,7 @@ with each failing check's message (or an expected failure's defects) in the cell
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -402,7 +405,23 @@ def run_rows(runs: list[Run]) -> list[RunRow]:
 # --- rendering -------------------------------------------------------------------------------------
 
 
-def context(runs: list[Run], warnings: list[str] | None = None) -> dict:
+def bench_summary(directory: Path | None) -> dict | None:
+    """The targets of ``make bench``'s run in ``directory`` (its ``bench.json``) for the report; None without one."""
+    path = directory / "bench.json" if directory else None
+    if path is None or not path.is_file():
+        return None
+    from . import bench
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = [
+        {**row, "value": "-" if row["value"] is None else f"{row['value']:.3f}"}
+        | {"met": {True: "yes", False: "NO", None: "not measured"}[row["met"]]}
+        for row in bench.targets(data)
+    ]
+    return {"title": bench.title(data), "source": str(path), "targets": rows}
+
+
+def context(runs: list[Run], warnings: list[str] | None = None, bench: dict | None = None) -> dict:
     """Everything both templates show, prepared (they only lay it out)."""
     order = release_order(runs)
     lane_list = lanes(runs)
@@ -411,6 +430,7 @@ def context(runs: list[Run], warnings: list[str] | None = None) -> dict:
     return {
         "runs": runs,
         "warnings": warnings or [],
+        "bench": bench,
         "order": order,
         "passed": len(runs) - len(failed),
         "failing": where(releases_by_lane(failed), order),
@@ -445,27 +465,29 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_markdown(runs: list[Run], warnings: list[str] | None = None) -> str:
-    text = _environment().get_template("report.md.j2").render(context(runs, warnings))
+def render_markdown(runs: list[Run], warnings: list[str] | None = None, bench: dict | None = None) -> str:
+    text = _environment().get_template("report.md.j2").render(context(runs, warnings, bench))
     if len(text) > MD_LIMIT:
         cut = text[:MD_LIMIT].rsplit("\n", 1)[0]
         text = cut + "\n\n… (truncated; the full report is report.html)\n"
     return text
 
 
-def render_html(runs: list[Run], warnings: list[str] | None = None) -> str:
-    return _environment().get_template("report.html.j2").render(context(runs, warnings))
+def render_html(runs: list[Run], warnings: list[str] | None = None, bench: dict | None = None) -> str:
+    return _environment().get_template("report.html.j2").render(context(runs, warnings, bench))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="results", type=Path)
     parser.add_argument("--out", default="report", type=Path)
+    parser.add_argument("--bench", default="bench", type=Path, help="make bench's output (its targets, if there)")
     args = parser.parse_args(argv)
     runs, warnings = results.load(args.results)
+    bench = bench_summary(args.bench)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.md").write_text(render_markdown(runs, warnings), encoding="utf-8")
-    (args.out / "report.html").write_text(render_html(runs, warnings), encoding="utf-8")
+    (args.out / "report.md").write_text(render_markdown(runs, warnings, bench), encoding="utf-8")
+    (args.out / "report.html").write_text(render_html(runs, warnings, bench), encoding="utf-8")
     failed = sum(not r.passed for r in runs)
     print(f"report: {len(runs)} runs, {failed} failing -> {args.out}/report.md, {args.out}/report.html")
     for w in warnings:
