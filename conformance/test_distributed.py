@@ -109,6 +109,15 @@ def _join(rank: int, store: str, out: str) -> None:
     )
 
 
+def _leave() -> None:
+    """End a forked rank that has written its results, without running destructors: the DDP Reducer's
+    ``~ProcessGroupGloo`` (after ``destroy_process_group``) can wait forever joining the group's threads
+    (seen about once in ten runs, py-spy: ``std::thread::join`` under ``Reducer::~Reducer``), which left a
+    finished rank running until the deadline killed it."""
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cached: bool, ddp: bool) -> None:
     """One rank: join the group, run the steps, write ``rank<r>.pt`` (or ``rank<r>.err``), leave."""
     import torch.distributed as dist
@@ -135,6 +144,7 @@ def _rank_main(rank: int, store: str, out: str, master_model, features, cls, cac
         dist.barrier()
         dist.destroy_process_group()
         torch.save({"widths": steps, "grads": grads}, Path(out) / f"rank{rank}.pt")
+        _leave()
     except BaseException:  # noqa: BLE001 - reported by the parent, which fails the check
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         os._exit(1)
@@ -337,6 +347,7 @@ def _shared_rank_main(rank, store, out, master_model, guide, features, kind, opt
         dist.barrier()
         dist.destroy_process_group()
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        _leave()
     except BaseException:  # noqa: BLE001 - reported by the parent, which fails the check
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         os._exit(1)
