@@ -25,6 +25,7 @@ import copy
 import importlib
 import inspect
 import math
+import os
 import random
 import warnings
 from dataclasses import dataclass, field, replace
@@ -151,16 +152,45 @@ def dataset(columns: list[list[str]]):
 
 def trainer(model, loss_fn, train_columns, output_dir: Path, recipe: Recipe, eval_columns=None, **args):
     """A SentenceTransformerTrainer on ``train_columns`` (lists of texts) with SGD, constant LR, no saving;
-    ``args``: further training arguments."""
+    ``args``: further training arguments. It runs with exactly the recipe's precision (see
+    :func:`_fresh_accelerator_state`)."""
+    _fresh_accelerator_state()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return sentence_transformers.SentenceTransformerTrainer(
+        made = sentence_transformers.SentenceTransformerTrainer(
             model=model,
             args=_training_args(output_dir, recipe, **args),
             train_dataset=dataset(train_columns),
             eval_dataset=dataset(eval_columns) if eval_columns is not None else None,
             loss=loss_fn,
         )
+    precision = getattr(getattr(made, "accelerator", None), "mixed_precision", None)
+    wanted = "bf16" if recipe.bf16 else "no"
+    precision = getattr(precision, "value", precision)
+    if precision is not None and precision != wanted:
+        raise AssertionError(f"the trainer runs with mixed_precision={precision!r}, its recipe asks for {wanted!r}")
+    return made
+
+
+def _fresh_accelerator_state() -> None:
+    """Forget the mixed precision an earlier trainer of the process left behind.
+
+    Why: ``TrainingArguments(bf16=True)`` writes ``ACCELERATE_MIXED_PRECISION=bf16`` into ``os.environ``
+    and a later ``TrainingArguments(bf16=False)`` reads it back, and accelerate keeps one AcceleratorState
+    per process, so after one ``bf16=True`` trainer every later trainer of the process ran with
+    ``mixed_precision="bf16"`` (measured on 3.0.1, 3.4.x and 5.2.3: ``trainer.accelerator.mixed_precision``
+    after ``test_bf16_autocast``). Its output conversion hands the loss a copy of the features dict, which
+    hid upstream's in-place GIST defect (#3862) from ``test_eval_loss_without_gradients[CGIST-plain]``: the
+    check passed in a full run and failed alone. The PartialState (devices, the process group of the
+    distributed checks) is kept."""
+    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:  # releases whose trainer does not use accelerate
+        return
+    reset = getattr(AcceleratorState, "_reset_state", None)
+    if reset is not None:
+        reset(reset_partial_state=False)
 
 
 def _fit(model, loss_fn, columns, recipe: Recipe) -> None:
