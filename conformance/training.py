@@ -164,10 +164,9 @@ def trainer(model, loss_fn, train_columns, output_dir: Path, recipe: Recipe, eva
             eval_dataset=dataset(eval_columns) if eval_columns is not None else None,
             loss=loss_fn,
         )
-    precision = getattr(getattr(made, "accelerator", None), "mixed_precision", None)
+    precision = getattr(made.accelerator.mixed_precision, "value", made.accelerator.mixed_precision)  # str or enum
     wanted = "bf16" if recipe.bf16 else "no"
-    precision = getattr(precision, "value", precision)
-    if precision is not None and precision != wanted:
+    if precision != wanted:
         raise AssertionError(f"the trainer runs with mixed_precision={precision!r}, its recipe asks for {wanted!r}")
     return made
 
@@ -183,14 +182,10 @@ def _fresh_accelerator_state() -> None:
     hid upstream's in-place GIST defect (#3862) from ``test_eval_loss_without_gradients[CGIST-plain]``: the
     check passed in a full run and failed alone. The PartialState (devices, the process group of the
     distributed checks) is kept."""
+    from accelerate.state import AcceleratorState  # the trainer's own dependency (3.0+)
+
     os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
-    try:
-        from accelerate.state import AcceleratorState
-    except ImportError:  # releases whose trainer does not use accelerate
-        return
-    reset = getattr(AcceleratorState, "_reset_state", None)
-    if reset is not None:
-        reset(reset_partial_state=False)
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _fit(model, loss_fn, columns, recipe: Recipe) -> None:
