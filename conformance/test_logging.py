@@ -23,7 +23,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conformance import cases, compat, data, env, oracle, oracle_layers
+from conformance import cases, compat, data, env, oracle, oracle_layers, training
 from conformance.harness import backward, call_loss
 from conformance.recording import F64, assert_close_recorded
 
@@ -161,6 +161,7 @@ def _logged_step(model, loss_fn, dataset, tmp_path) -> dict:
     """One trainer step on the whole ``dataset`` (one batch), logged: the log entry that holds the loss."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
+    training.fresh_accelerator_state()  # full precision, whatever a bf16 trainer of the process left
     args = SentenceTransformerTrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=len(dataset),

@@ -153,8 +153,8 @@ def dataset(columns: list[list[str]]):
 def trainer(model, loss_fn, train_columns, output_dir: Path, recipe: Recipe, eval_columns=None, **args):
     """A SentenceTransformerTrainer on ``train_columns`` (lists of texts) with SGD, constant LR, no saving;
     ``args``: further training arguments. It runs with exactly the recipe's precision (see
-    :func:`_fresh_accelerator_state`)."""
-    _fresh_accelerator_state()
+    :func:`fresh_accelerator_state`)."""
+    fresh_accelerator_state()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         made = sentence_transformers.SentenceTransformerTrainer(
@@ -171,7 +171,7 @@ def trainer(model, loss_fn, train_columns, output_dir: Path, recipe: Recipe, eva
     return made
 
 
-def _fresh_accelerator_state() -> None:
+def fresh_accelerator_state() -> None:
     """Forget the mixed precision an earlier trainer of the process left behind.
 
     Why: ``TrainingArguments(bf16=True)`` writes ``ACCELERATE_MIXED_PRECISION=bf16`` into ``os.environ``
